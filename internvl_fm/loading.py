@@ -1,0 +1,367 @@
+"""Reading and writing checkpoints in the official on-disk layout.
+
+config.json + model.safetensors (or sharded `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, or
+`pytorch_model*.bin` read with `torch.load(weights_only=True)`). Models are built on the meta device and the weights
+are assigned tensor by tensor, so peak memory stays near the size of the weights. Partial loads (the vision tower of
+a full checkpoint, the text side only) read only the tensors they need.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from internvl_fm.errors import CheckpointNotFoundError, WeightLoadingError
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+# architectures[0] in config.json -> "module:Class" (resolved lazily, so the core imports no task package).
+ARCHITECTURES: dict[str, str] = {
+    "InternVisionModel": "internvl_fm.models.intern_vit:InternVisionModel",
+    "InternVLModel": "internvl_fm.models.internvl:InternVLModel",
+    "InternVLChatModel": "internvl_fm.chat:InternVLChatModel",
+}
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint folder for a folder path, a path to its config.json, or a Hugging Face hub id."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.name == "config.json":
+        return path.parent
+    text = str(path_or_hub_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointNotFoundError(f"checkpoint folder not found: {text}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS)
+    except Exception as exc:  # offline, unknown repo, gated...
+        raise CheckpointNotFoundError(f"cannot fetch {text!r} from the Hugging Face hub ({type(exc).__name__}: "
+                                      f"{exc}); pass a local checkpoint folder instead") from exc
+    return Path(local)
+
+
+def read_config(path_or_hub_id: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint."""
+    path = Path(path_or_hub_id)
+    file = path if path.is_file() else resolve_checkpoint(path_or_hub_id) / "config.json"
+    if not file.is_file():
+        raise CheckpointNotFoundError(f"no config.json in {file.parent}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointNotFoundError(f"{file} is not valid JSON: {exc}") from exc
+
+
+@contextlib.contextmanager
+def atomic_write(target: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class WeightFiles:
+    """The weight files of one checkpoint folder and which file holds which key."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        if (folder / SAFE_INDEX).is_file():
+            self.weight_map = self._read_index(folder / SAFE_INDEX)
+        elif (folder / SAFE_SINGLE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(folder / SAFE_SINGLE, framework="pt") as fh:
+                self.weight_map = {k: SAFE_SINGLE for k in fh.keys()}
+        elif (folder / BIN_INDEX).is_file():
+            self.weight_map = self._read_index(folder / BIN_INDEX)
+        elif (folder / BIN_SINGLE).is_file():
+            self.weight_map = {k: BIN_SINGLE for k in _torch_load(folder / BIN_SINGLE)}
+        else:
+            raise CheckpointNotFoundError(f"no weights in {folder}: expected {SAFE_SINGLE}, {SAFE_INDEX}, "
+                                          f"{BIN_SINGLE} or {BIN_INDEX}")
+
+    @staticmethod
+    def _read_index(file: Path) -> dict[str, str]:
+        weight_map = json.loads(file.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointNotFoundError(f"{file} has no weight_map")
+        missing = sorted({f for f in weight_map.values() if not (file.parent / f).is_file()})
+        if missing:
+            raise CheckpointNotFoundError(f"{file} names shard files that are missing: {missing}")
+        return weight_map
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def load(self, keys: list[str] | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Load `keys` (all by default), opening each shard once."""
+        keys = self.keys() if keys is None else keys
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.weight_map[key], []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_keys in by_file.items():
+            path = self.folder / file
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(path, framework="pt") as fh:
+                    for key in file_keys:
+                        out[key] = _cast(fh.get_tensor(key), dtype)
+            else:
+                blob = _torch_load(path)
+                for key in file_keys:
+                    out[key] = _cast(blob[key], dtype)
+                del blob
+        return out
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(blob, dict) and isinstance(blob.get("module"), dict):  # {'module': sd} (DeepSpeed / pure PyTorch)
+        blob = blob["module"]
+    if not isinstance(blob, dict):
+        raise CheckpointNotFoundError(f"{path} does not hold a state dict")
+    return blob
+
+
+def load_state_dict(path: str | os.PathLike, prefix: str | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint (or only the keys starting with `prefix`, keys kept as stored)."""
+    files = WeightFiles(resolve_checkpoint(path))
+    keys = [k for k in files.keys() if prefix is None or k.startswith(prefix)]
+    return files.load(keys, dtype)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | os.PathLike,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: dict[str, str] | None = None) -> None:
+    """Write safetensors weights (sharded with an index past `max_shard_bytes`), each file atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    metadata = {"format": "pt", **(metadata or {})}
+    for stale in list(folder.glob("model-*-of-*.safetensors")) + [folder / SAFE_INDEX, folder / SAFE_SINGLE]:
+        if stale.exists():
+            stale.unlink()
+    if len(shards) == 1:
+        with atomic_write(folder / SAFE_SINGLE) as tmp:
+            save_file(shards[0], tmp, metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        with atomic_write(folder / name) as tmp:
+            save_file(shard, tmp, metadata=metadata)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_write(folder / SAFE_INDEX) as tmp:
+        Path(tmp).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def count_checkpoint_parameters(path: str | os.PathLike) -> int:
+    """Number of parameters stored in a checkpoint (read from the safetensors headers, no tensor loaded)."""
+    files = WeightFiles(resolve_checkpoint(path))
+    total = 0
+    for file in sorted(set(files.weight_map.values())):
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(files.folder / file, framework="pt") as fh:
+                total += sum(_numel(fh.get_slice(k).get_shape()) for k in fh.keys())
+        else:
+            total += sum(t.numel() for t in _torch_load(files.folder / file).values())
+    return total
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None / "auto" keep the stored dtype; strings like "bfloat16" / "bf16" map to torch dtypes."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], ignore: tuple[str, ...] = ()) -> None:
+    """Raise WeightLoadingError naming every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    ignored = [re.compile(p) for p in ignore]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected and not any(p.search(k) for p in ignored)]
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                  for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched)}")
+    if problems:
+        raise WeightLoadingError(f"weights do not fit {type(model).__name__}: " + "; ".join(problems))
+
+
+def _short(items: list[str], limit: int = 12) -> str:
+    head = ", ".join(items[:limit])
+    return head + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def materialize_meta_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Re-create buffers left on the meta device (e.g. transformers' rotary `inv_freq`) on `device`."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if any(b.is_meta for b in child.buffers(recurse=False)) and hasattr(child, "config"):
+                if "Rotary" not in type(child).__name__:
+                    continue
+                setattr(parent, name, type(child)(config=child.config, device=device))
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise WeightLoadingError(f"buffers not initialised after loading: {_short(left)}")
+
+
+class PretrainedMixin:
+    """`from_pretrained` / `save_pretrained` for nn.Modules with a `config_class` dataclass.
+
+    Subclasses may set `checkpoint_prefixes` (prefixes under which their weights may be stored in a bigger
+    checkpoint, tried in order), `ignore_on_load` (regexes of stored keys to drop) and override `_tied_weights()`.
+    """
+
+    config_class: type = None  # type: ignore[assignment]
+    checkpoint_prefixes: tuple[str, ...] = ("",)
+    ignore_on_load: tuple[str, ...] = (r"rotary_emb\.inv_freq$",)
+
+    def _tied_weights(self) -> dict[str, str]:
+        """target key -> source key for weights shared with another (filled in when absent from the checkpoint)."""
+        return {}
+
+    def _after_load(self, folder: Path) -> None:
+        """Hook run after the weights are in place (attach tokenizer / processor...)."""
+
+    @classmethod
+    def _select_keys(cls, model: nn.Module, stored: list[str]) -> tuple[str, list[str]]:
+        stored_set = set(stored)
+        wanted = list(model.state_dict())
+        for prefix in cls.checkpoint_prefixes:
+            if any(prefix + k in stored_set for k in wanted):
+                return prefix, [k for k in stored if k.startswith(prefix)]
+        return cls.checkpoint_prefixes[0], stored
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, config: Any = None, **kwargs: Any):
+        """Load a checkpoint folder or hub id. `dtype=None` keeps the stored dtype; `device` defaults to CPU."""
+        folder = resolve_checkpoint(path)
+        config = config if config is not None else cls.config_class.from_pretrained(folder)
+        dtype = resolve_dtype(dtype)
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(config, **kwargs)
+        files = WeightFiles(folder)
+        prefix, keys = cls._select_keys(model, files.keys())
+        state = {k[len(prefix):]: v for k, v in files.load(keys, dtype).items()}
+        model.load_converted_state_dict(state)
+        model.to(device)
+        materialize_meta_buffers(model, device)
+        model._after_load(folder)
+        model.name_or_path = str(path)
+        return model.eval()
+
+    def load_converted_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Check keys/shapes and assign the tensors (no copy), tying shared weights."""
+        for target, source in self._tied_weights().items():
+            if target not in state and source in state:
+                state[target] = state[source]
+        ignored = [re.compile(p) for p in self.ignore_on_load]
+        state = {k: v for k, v in state.items() if not any(p.search(k) for p in ignored)}
+        check_state_dict(self, state)
+        self.load_state_dict(state, strict=True, assign=True)
+        for target, source in self._tied_weights().items():
+            _set_param(self, target, _get_param(self, source))
+
+    def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+        """Write config.json + safetensors weights in the official layout (and the tokenizer, if attached)."""
+        folder = Path(folder)
+        config = self.config
+        config.extra["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        config.save_pretrained(folder)
+        save_state_dict(self.state_dict(), folder, max_shard_bytes=max_shard_bytes)
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(folder)
+        return folder
+
+
+def _get_param(module: nn.Module, key: str) -> nn.Parameter:
+    owner, _, name = key.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
+def _set_param(module: nn.Module, key: str, value: nn.Parameter) -> None:
+    owner, _, name = key.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, name, value)
+
+
+def load(path: str | os.PathLike, **kwargs: Any):
+    """Load any internvl-fm model; the class is picked from config.json `architectures`."""
+    config = read_config(path)
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            module, _, name = ARCHITECTURES[arch].partition(":")
+            return getattr(importlib.import_module(module), name).from_pretrained(path, **kwargs)
+    raise ValueError(f"unsupported architectures {archs} in {path}; supported: {sorted(ARCHITECTURES)}")

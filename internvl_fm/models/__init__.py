@@ -1,0 +1,1 @@
+"""Model definitions: one model per file, each with its config dataclass."""

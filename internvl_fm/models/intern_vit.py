@@ -1,0 +1,337 @@
+"""InternViT: the vision encoder of every InternVL model (6B and 300M styles), official key names."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from internvl_fm.configuration_utils import ConfigBase
+from internvl_fm.loading import PretrainedMixin
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclasses.dataclass
+class InternVisionConfig(ConfigBase):
+    """Configuration of InternViT (field names and defaults of the official `InternVisionConfig`)."""
+
+    model_type = "intern_vit_6b"
+    architecture = "InternVisionModel"
+
+    num_channels: int = 3
+    patch_size: int = 14
+    image_size: int = 224
+    qkv_bias: bool = False
+    hidden_size: int = 3200
+    num_attention_heads: int = 25
+    intermediate_size: int = 12800
+    qk_normalization: bool = True
+    num_hidden_layers: int = 48
+    use_flash_attn: bool = True
+    hidden_act: str = "gelu"
+    norm_type: str = "rms_norm"
+    layer_norm_eps: float = 1e-6
+    dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.norm_type not in ("rms_norm", "layer_norm"):
+            raise ValueError(f"norm_type must be 'rms_norm' or 'layer_norm', got {self.norm_type!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InternVisionConfig":
+        """Accepts a vision config or a composite (InternVL / InternVL-Chat) config with a `vision_config` entry."""
+        if isinstance(data, dict) and isinstance(data.get("vision_config"), dict):
+            data = data["vision_config"]
+        return super().from_dict(data)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class InternRMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight (as the reference)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def build_norm(config: InternVisionConfig, dim: int) -> nn.Module:
+    if config.norm_type == "rms_norm":
+        return InternRMSNorm(dim, eps=config.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps)
+
+
+class InternVisionEmbeddings(nn.Module):
+    """Patch embedding + class token + position embedding (bicubic-interpolated to the input grid every call)."""
+
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, self.embed_dim))
+        self.patch_embedding = nn.Conv2d(3, self.embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        num_positions = (self.image_size // self.patch_size) ** 2 + 1
+        self.position_embedding = nn.Parameter(torch.randn(1, num_positions, self.embed_dim))
+
+    def _patch_pos_embed(self, height: int, width: int) -> torch.Tensor:
+        pos = self.position_embedding[:, 1:]
+        grid = self.image_size // self.patch_size
+        target_dtype = pos.dtype
+        pos = pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=(height, width), mode="bicubic", align_corners=False)
+        return pos.reshape(1, -1, height * width).permute(0, 2, 1).to(target_dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        target_dtype = self.patch_embedding.weight.dtype
+        patch_embeds = self.patch_embedding(pixel_values)  # [B, C, h, w]
+        batch, _, height, width = patch_embeds.shape
+        patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
+        class_embeds = self.class_embedding.expand(batch, 1, -1).to(target_dtype)
+        embeddings = torch.cat([class_embeds, patch_embeds], dim=1)
+        position = torch.cat([self.position_embedding[:, :1], self._patch_pos_embed(height, width)], dim=1)
+        return embeddings + position.to(target_dtype)
+
+
+class InternAttention(nn.Module):
+    """Multi-head self-attention with fused qkv and optional full-width RMS qk-norm."""
+
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(self.embed_dim, 3 * self.embed_dim, bias=config.qkv_bias)
+        self.attn_drop = config.attention_dropout
+        self.proj_drop = nn.Dropout(config.dropout)
+        self.qk_normalization = config.qk_normalization
+        if self.qk_normalization:
+            self.q_norm = InternRMSNorm(self.embed_dim, eps=config.layer_norm_eps)
+            self.k_norm = InternRMSNorm(self.embed_dim, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.attn_implementation = "sdpa"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
+        if self.qk_normalization:
+            q, k = self.q_norm(q), self.k_norm(k)
+        shape = (batch, seq, self.num_heads, self.head_dim)
+        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
+        dropout = self.attn_drop if self.training else 0.0
+        if self.attn_implementation == "flash_attention_2" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            from flash_attn import flash_attn_func  # optional, checked by set_attn_implementation
+
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout)
+            out = out.reshape(batch, seq, self.embed_dim)
+        else:
+            if self.attn_implementation == "eager":
+                attn = (q * self.scale) @ k.transpose(-2, -1)
+                attn = attn.softmax(dim=-1)
+                if dropout:
+                    attn = F.dropout(attn, p=dropout)
+                out = attn @ v
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            out = out.transpose(1, 2).reshape(batch, seq, self.embed_dim)
+        return self.proj_drop(self.proj(out))
+
+
+class InternMLP(nn.Module):
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        if config.hidden_act not in ("gelu",):
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r} (InternViT uses exact 'gelu')")
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample (identity in eval mode)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class InternVisionEncoderLayer(nn.Module):
+    """Pre-norm transformer block with layer scale: x + ls1 * attn(norm1(x)); x + ls2 * mlp(norm2(x))."""
+
+    def __init__(self, config: InternVisionConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        dim = config.hidden_size
+        self.attn = InternAttention(config)
+        self.mlp = InternMLP(config)
+        self.norm1 = build_norm(config, dim)
+        self.norm2 = build_norm(config, dim)
+        self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(dim))
+        self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(dim))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states
+        x = x + drop_path(self.attn(self.norm1(x).to(x.dtype)) * self.ls1, self.drop_path_rate, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x).to(x.dtype)) * self.ls2, self.drop_path_rate, self.training)
+        return x
+
+
+class InternVisionEncoder(nn.Module):
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        n = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+        self.layers = nn.ModuleList(InternVisionEncoderLayer(config, r) for r in rates)
+        self.gradient_checkpointing = False
+
+    def run_layer(self, layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, hidden_states, use_reentrant=False)
+        return layer(hidden_states)
+
+
+def _check_pixel_values(pixel_values: torch.Tensor) -> None:
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must have shape [batch, 3, height, width], got {tuple(pixel_values.shape)}")
+
+
+class InternVisionModel(PretrainedMixin, nn.Module):
+    """InternViT encoder. `pooler_output` is the CLS token of the last block (no final norm, no head)."""
+
+    config_class = InternVisionConfig
+    checkpoint_prefixes = ("", "vision_model.")
+
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = InternVisionEmbeddings(config)
+        self.encoder = InternVisionEncoder(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.patch_embedding.weight.device
+
+    def forward(self, pixel_values: torch.Tensor | None = None, output_hidden_states: bool = False,
+                pixel_embeds: torch.Tensor | None = None, return_dict: bool = True) -> BaseModelOutputWithPooling:
+        """Encode `pixel_values` [B, 3, H, W] (any size: position embeddings are interpolated)."""
+        if pixel_embeds is not None:
+            hidden_states = pixel_embeds
+        else:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or pixel_embeds")
+            _check_pixel_values(pixel_values)
+            hidden_states = self.embeddings(pixel_values.to(self.dtype))
+        all_states = [hidden_states] if output_hidden_states else None
+        for layer in self.encoder.layers:
+            hidden_states = self.encoder.run_layer(layer, hidden_states)
+            if all_states is not None:
+                all_states.append(hidden_states)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states,
+            pooler_output=hidden_states[:, 0, :],
+            hidden_states=tuple(all_states) if all_states is not None else None,
+        )
+
+    def forward_intermediates(self, pixel_values: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+        """Outputs [B, 1+h*w, C] of the blocks in `indices` (0-based, negative allowed); stops after the last one."""
+        _check_pixel_values(pixel_values)
+        depth = len(self.encoder.layers)
+        wanted = []
+        for i in indices:
+            j = i + depth if i < 0 else i
+            if not 0 <= j < depth:
+                raise ValueError(f"block index {i} out of range for {depth} layers")
+            wanted.append(j)
+        hidden_states = self.embeddings(pixel_values.to(self.dtype))
+        found: dict[int, torch.Tensor] = {}
+        for idx, layer in enumerate(self.encoder.layers[: max(wanted) + 1]):
+            hidden_states = self.encoder.run_layer(layer, hidden_states)
+            if idx in wanted:
+                found[idx] = hidden_states
+        return [found[j] for j in wanted]
+
+    @torch.no_grad()
+    def resize_pos_embeddings(self, image_size: int) -> None:
+        """Permanently resize the stored position embedding to `image_size` (bicubic, CLS kept)."""
+        emb = self.embeddings
+        grid = image_size // emb.patch_size
+        if image_size == emb.image_size:
+            return
+        patch = emb._patch_pos_embed(grid, grid)
+        new = torch.cat([emb.position_embedding[:, :1], patch], dim=1)
+        emb.position_embedding = nn.Parameter(new, requires_grad=emb.position_embedding.requires_grad)
+        emb.image_size = image_size
+        self.config.image_size = image_size
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.encoder.gradient_checkpointing = False
+
+    def set_attn_implementation(self, name: str) -> None:
+        """Choose the attention kernel: "sdpa" (default), "eager", or "flash_attention_2" (CUDA, if installed)."""
+        if name not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention implementation {name!r}; choose from {ATTN_IMPLEMENTATIONS}")
+        if name == "flash_attention_2":
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is None:
+                raise ImportError("attn_implementation='flash_attention_2' needs the flash-attn package")
+        for layer in self.encoder.layers:
+            layer.attn.attn_implementation = name
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialisation for training from scratch (checkpoints overwrite it)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, InternVisionEmbeddings):
+            nn.init.trunc_normal_(module.class_embedding, std=std)
+            nn.init.trunc_normal_(module.position_embedding, std=std)
+
+    def init_weights(self) -> "InternVisionModel":
+        self.apply(self._init_weights)
+        return self
+

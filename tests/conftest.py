@@ -1,0 +1,35 @@
+"""Shared fixtures: paths of the golden fixtures (made by the official reference code) and tiny checkpoints."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("INTERNVL_GOLDEN", ROOT.parent / "shared" / "golden"))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    if not GOLDEN.is_dir():
+        pytest.fail(f"golden fixtures not found at {GOLDEN} (set INTERNVL_GOLDEN)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(golden) -> Path:
+    return golden / "internvl_c_g" / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_path(golden) -> Path:
+    return golden / "internvit_300m" / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_6b_path(golden) -> Path:
+    return golden / "internvit_6b" / "checkpoint"
