@@ -1,0 +1,126 @@
+"""Loading: round trips, sharded / .bin checkpoints, partial loads, and the errors for weights that do not fit."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from internvl_fm import (CheckpointNotFoundError, InternVisionModel, InternVLModel, InternVLTextModel,
+                         WeightLoadingError)
+from internvl_fm.loading import count_checkpoint_parameters, load_state_dict
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip_path):
+    return InternVLModel.from_pretrained(tiny_clip_path).eval()
+
+
+@pytest.fixture(scope="module")
+def clip_inputs(golden):
+    return load_file(str(golden / "internvl_c_g" / "inputs.safetensors"))
+
+
+def _copy_ckpt(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_save_load_round_trip_is_exact(clip, clip_inputs, tmp_path):
+    clip.save_pretrained(tmp_path / "m")
+    again = InternVLModel.from_pretrained(tmp_path / "m").eval()
+    for (k, a), (k2, b) in zip(clip.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    pv, ids = clip_inputs["pixel_values"], clip_inputs["input_ids"]
+    assert torch.equal(again.encode_image(pv, mode="InternVL-G"), clip.encode_image(pv, mode="InternVL-G"))
+    assert torch.equal(again.encode_text(ids), clip.encode_text(ids))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architectures"] == ["InternVLModel"] and config["model_type"] == "internvl"
+    assert again.tokenizer is not None  # tokenizer files travel with the checkpoint
+
+
+def test_sharded_save_and_bin_load(clip, clip_inputs, tmp_path):
+    clip.save_pretrained(tmp_path / "sharded", max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    sharded = InternVLModel.from_pretrained(tmp_path / "sharded")
+    pv = clip_inputs["pixel_values"]
+    assert torch.equal(sharded.encode_image(pv), clip.encode_image(pv))
+    # .bin (torch.save of the state dict), read with weights_only=True
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    shutil.copy(tmp_path / "sharded" / "config.json", binary / "config.json")
+    torch.save(clip.state_dict(), binary / "pytorch_model.bin")
+    assert torch.equal(InternVLModel.from_pretrained(binary).encode_image(pv), clip.encode_image(pv))
+    assert count_checkpoint_parameters(tmp_path / "sharded") == sum(t.numel() for t in clip.state_dict().values())
+
+
+def test_vision_only_and_text_only_loads_match_full_model(clip, clip_inputs, tiny_clip_path):
+    pv, ids = clip_inputs["pixel_values"], clip_inputs["input_ids"]
+    vit = InternVisionModel.from_pretrained(tiny_clip_path)  # vision tower of a full InternVL checkpoint
+    assert torch.equal(vit(pv).last_hidden_state, clip.vision_model(pv).last_hidden_state)
+    text = InternVLTextModel.from_pretrained(tiny_clip_path)
+    assert not hasattr(text, "vision_model")
+    assert torch.equal(text.encode_text(ids), clip.encode_text(ids))
+    out = text(ids)
+    assert out.last_hidden_state.shape == (*ids.shape, 64) and out.pooled_output.shape == (ids.shape[0], 32)
+    assert torch.equal(out.pooled_output, clip.encode_text(ids))
+    assert torch.equal(out.attention_mask, (ids > 0).long())
+
+
+def test_text_encoder_prompts_drop_prefix(tiny_clip_path):
+    text = InternVLTextModel.from_pretrained(tiny_clip_path)
+    out = text.encode_prompts(["a red panda", "a cat"])
+    n = text.tokenizer.prefix_length
+    assert out.last_hidden_state.shape[1] == 80 + 3 - n
+    full = text.encode_prompts(["a red panda", "a cat"], drop_prefix=False)
+    assert torch.equal(out.last_hidden_state[:, 1:], full.last_hidden_state[:, 1 + n:])
+    assert torch.equal(out.pooled_output, full.pooled_output)
+
+
+def test_missing_unexpected_and_mismatched_keys_are_named(tiny_vit_path, tmp_path):
+    sd = load_file(str(tiny_vit_path / "model.safetensors"))
+    broken = dict(sd)
+    del broken["encoder.layers.1.ls2"]
+    broken["encoder.layers.9.extra"] = torch.zeros(1)
+    broken["embeddings.position_embedding"] = torch.zeros(1, 3, 48)
+    ckpt = tmp_path / "broken"
+    ckpt.mkdir()
+    shutil.copy(tiny_vit_path / "config.json", ckpt / "config.json")
+    save_file(broken, str(ckpt / "model.safetensors"))
+    with pytest.raises(WeightLoadingError) as err:
+        InternVisionModel.from_pretrained(ckpt)
+    msg = str(err.value)
+    assert "encoder.layers.1.ls2" in msg and "encoder.layers.9.extra" in msg
+    assert "embeddings.position_embedding" in msg and "(1, 3, 48)" in msg
+
+
+def test_missing_checkpoint_and_weights(tmp_path, tiny_vit_path):
+    with pytest.raises(CheckpointNotFoundError):
+        InternVisionModel.from_pretrained(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(tiny_vit_path / "config.json", empty / "config.json")
+    with pytest.raises(CheckpointNotFoundError, match="no weights"):
+        InternVisionModel.from_pretrained(empty)
+
+
+def test_dtype_and_partial_state_dict(tiny_clip_path, clip_inputs):
+    vit = InternVisionModel.from_pretrained(tiny_clip_path, dtype="bfloat16")
+    assert vit.dtype == torch.bfloat16
+    out = vit(clip_inputs["pixel_values"]).last_hidden_state
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    sd = load_state_dict(tiny_clip_path, prefix="text_projection")
+    assert list(sd) == ["text_projection"]
+
+
+def test_meta_build_uses_no_memory_for_real_config():
+    from internvl_fm import InternVisionConfig
+
+    config = InternVisionConfig()  # InternViT-6B-224px defaults
+    with torch.device("meta"):
+        model = InternVisionModel(config)
+    n = model.num_parameters()
+    assert 5.8e9 < n < 6.0e9
