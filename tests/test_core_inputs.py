@@ -137,3 +137,19 @@ def test_eager_and_sdpa_agree_and_intermediates(tiny_vit_path):
         vit.set_attn_implementation("magic")
     with pytest.raises(ValueError, match="out of range"):
         vit.forward_intermediates(x, [5])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_fused_cpu_inference_path_matches_autograd_path(tiny_vit_6b_path, dtype, tol):
+    vit = InternVisionModel.from_pretrained(tiny_vit_6b_path, dtype=dtype)
+    x = torch.randn(2, 3, 56, 56, dtype=dtype)
+    with torch.enable_grad():
+        ref = vit(x).last_hidden_state.detach()  # plain path (autograd on)
+    fused = vit(x).last_hidden_state  # no grad: oneDNN fused path with the layer scale folded in
+    torch.testing.assert_close(fused.float(), ref.float(), atol=tol, rtol=tol)
+    with torch.no_grad():  # the folded-weight cache follows parameter updates
+        vit.encoder.layers[0].ls2.mul_(2)
+    with torch.enable_grad():
+        ref2 = vit(x).last_hidden_state.detach()
+    torch.testing.assert_close(vit(x).last_hidden_state.float(), ref2.float(), atol=tol, rtol=tol)
+    assert not torch.allclose(ref2.float(), ref.float(), atol=tol)

@@ -80,6 +80,12 @@ class InternRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def _onednn_fusable(x: torch.Tensor) -> bool:
+    """Whether the fused oneDNN inference kernels apply (CPU tensors of float32 / bfloat16)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 def build_norm(config: InternVisionConfig, dim: int) -> nn.Module:
     if config.norm_type == "rms_norm":
         return InternRMSNorm(dim, eps=config.layer_norm_eps)
@@ -138,8 +144,12 @@ class InternAttention(nn.Module):
         self.attn_implementation = "sdpa"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.attend(hidden_states)))
+
+    def attend(self, hidden_states: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        """Attention output with heads merged, before `proj` ([B, N, C])."""
         batch, seq, _ = hidden_states.shape
-        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
+        q, k, v = linear(hidden_states, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
         if self.qk_normalization:
             q, k = self.q_norm(q), self.k_norm(k)
         shape = (batch, seq, self.num_heads, self.head_dim)
@@ -160,7 +170,7 @@ class InternAttention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
             out = out.transpose(1, 2).reshape(batch, seq, self.embed_dim)
-        return self.proj_drop(self.proj(out))
+        return out
 
 
 class InternMLP(nn.Module):
@@ -199,11 +209,36 @@ class InternVisionEncoderLayer(nn.Module):
         self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(dim))
         self.drop_path_rate = drop_path_rate
 
+        self._folded: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and _onednn_fusable(hidden_states):
+            return self._forward_fused(hidden_states)
         x = hidden_states
         x = x + drop_path(self.attn(self.norm1(x).to(x.dtype)) * self.ls1, self.drop_path_rate, self.training)
         x = x + drop_path(self.mlp(self.norm2(x).to(x.dtype)) * self.ls2, self.drop_path_rate, self.training)
         return x
+
+    def _folded_weights(self) -> tuple[torch.Tensor, ...]:
+        """proj / fc2 weights and biases with the layer scale folded in (cached until a parameter changes)."""
+        params = (self.attn.proj.weight, self.attn.proj.bias, self.ls1, self.mlp.fc2.weight, self.mlp.fc2.bias,
+                  self.ls2)
+        key = tuple((id(p), p._version, p.dtype, p.device) for p in params)
+        if self._folded is None or self._folded[0] != key:
+            proj_w, proj_b, ls1, fc2_w, fc2_b, ls2 = params
+            folded = (proj_w * ls1[:, None], proj_b * ls1, fc2_w * ls2[:, None], fc2_b * ls2)
+            self._folded = (key, tuple(t.contiguous() for t in folded))
+        return self._folded[1]
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference on CPU through oneDNN fused kernels: bias + GELU and the layer-scaled residual add are fused
+        into the GEMMs (x + ls * (W h + b) == x + (ls W) h + ls b)."""
+        linear = torch.ops.mkldnn._linear_pointwise
+        proj_w, proj_b, fc2_w, fc2_b = self._folded_weights()
+        attn = self.attn.attend(self.norm1(x).to(x.dtype), linear=lambda h, w, b: linear(h, w, b, "none", [], ""))
+        x = linear.binary(attn, x, proj_w, proj_b, "add")
+        hidden = linear(self.norm2(x).to(x.dtype), self.mlp.fc1.weight, self.mlp.fc1.bias, "gelu", [], "none")
+        return linear.binary(hidden, x, fc2_w, fc2_b, "add")
 
 
 class InternVisionEncoder(nn.Module):

@@ -4,7 +4,8 @@ The files are the ones an InternVL-14B-224px checkpoint ships (`tokenizer.model`
 `special_tokens_map.json`), with LLaMA's special ids: `<unk>` 0 (also used as padding by InternVL-C/G), `<s>` 1,
 `</s>` 2.  Any loader that reads the official tokenizer reads this one.
 
-    python -m internvl_fm.training.tokenizer DATA OUT_DIR --vocab-size 1000
+    python -m internvl_fm.training.tokenizer OUT_DIR --data DATA --vocab-size 1000
+    python -m internvl_fm.training.tokenizer OUT_DIR --synthetic      # the demo model's tokenizer
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Iterable
 from internvl_fm.loading import atomic_write
 
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# Everything a checkpoint may carry for its tokenizer (sentencepiece or `tokenizers` layout).
+ALL_TOKENIZER_FILES: tuple[str, ...] = TOKENIZER_FILES + ("tokenizer.json", "added_tokens.json")
 TEXT_PREFIX = "summarize:"  # what InternVLTokenizer puts in front of every retrieval text
 
 _SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -84,9 +87,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy whichever of the LlamaTokenizer files exist in `src` into `dst` (atomically); returns their names."""
+    """Copy whichever tokenizer files exist in `src` into `dst` (atomically); returns their names."""
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in ALL_TOKENIZER_FILES:
         path = Path(src) / name
         if path.is_file():
             with atomic_write(Path(dst) / name) as tmp:
@@ -96,15 +99,19 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train a sentencepiece tokenizer on the captions of a dataset folder (metadata.jsonl)."""
-    from .data import iter_texts, read_metadata
+    """Train a sentencepiece tokenizer on the captions of a dataset folder, or on the synthetic caption vocabulary."""
+    from .data import iter_texts, read_metadata, tokenizer_corpus
 
     parser = argparse.ArgumentParser(prog="python -m internvl_fm.training.tokenizer", description=main.__doc__)
-    parser.add_argument("data", help="dataset folder with metadata.jsonl (or the .jsonl file)")
     parser.add_argument("out", help="folder for tokenizer.model + tokenizer_config.json + special_tokens_map.json")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="dataset folder with metadata.jsonl (or the .jsonl file)")
+    source.add_argument("--synthetic", action="store_true",
+                        help="the word-level corpus of the synthetic shapes captions (internvl_fm.training.data)")
     parser.add_argument("--vocab-size", type=int, default=1000)
     args = parser.parse_args(argv)
-    out = train_tokenizer(iter_texts(read_metadata(args.data)), args.out, vocab_size=args.vocab_size)
+    texts = tokenizer_corpus() if args.synthetic else iter_texts(read_metadata(args.data))
+    out = train_tokenizer(texts, args.out, vocab_size=args.vocab_size)
     print(f"wrote tokenizer to {out}")
     return 0
 
