@@ -124,3 +124,19 @@ def test_meta_build_uses_no_memory_for_real_config():
         model = InternVisionModel(config)
     n = model.num_parameters()
     assert 5.8e9 < n < 6.0e9
+
+
+def test_gradient_checkpointing_on_both_towers(tiny_clip_path):
+    model = InternVLModel.from_pretrained(tiny_clip_path).train()
+    ids, pv = torch.tensor([[1, 5, 6, 2, 0]]), torch.randn(1, 3, 28, 28)
+
+    def grads():
+        model.zero_grad()
+        with torch.enable_grad():
+            model(image=pv, text=ids, mode="InternVL-G")[0].sum().backward()
+        return model.qllama.model.embed_tokens.weight.grad.clone(), model.query_tokens.grad.clone()
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    for a, b in zip(plain, grads()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

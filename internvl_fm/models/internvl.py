@@ -255,6 +255,15 @@ class InternVLModel(TextTowerMixin, PretrainedMixin, nn.Module):
         self._attach_tokenizer(folder)
         self.image_processor = InternVLImageProcessor(self.image_size, mode="retrieval")
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute activations in the backward pass of both towers (training memory / compute trade)."""
+        self.vision_model.gradient_checkpointing_enable()
+        self.qllama.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.vision_model.gradient_checkpointing_disable()
+        self.qllama.model.gradient_checkpointing = False
+
     # ------------------------------------------------------------------------------------------------- image side
     def get_image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ViT last_hidden_state, QLLaMA query-token states): the query tokens attend bidirectionally."""
