@@ -174,7 +174,14 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | os.PathLi
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        tensor = value.detach().to("cpu").contiguous()
+        if tensor.data_ptr() in seen:  # tied weights share storage; safetensors wants each stored on its own
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        tensors[key] = tensor
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in tensors.items():
