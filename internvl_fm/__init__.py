@@ -1,17 +1,60 @@
-"""internvl-fm: InternVL vision-language foundation models on current PyTorch and transformers."""
-from internvl_fm.errors import (CheckpointNotFoundError, ImageLoadError, InternVLError, TokenizerContractError,
-                                WeightLoadingError)
-from internvl_fm.loading import load
-from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
-from internvl_fm.models.internvl import InternVLConfig, InternVLModel, InternVLTextModel, TextEncoderOutput
-from internvl_fm.processing import InternVLImageProcessor, build_transform, load_image
-from internvl_fm.tokenization import InternVLTokenizer, validate_tokenizer
+"""internvl-fm: InternVL vision-language foundation models on current PyTorch and transformers.
+
+Public names are imported lazily (on first attribute access), so `import internvl_fm` and the CLI start fast.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointNotFoundError", "ImageLoadError", "InternVLError", "TokenizerContractError", "WeightLoadingError",
-    "InternVisionConfig", "InternVisionModel", "InternVLConfig", "InternVLModel", "InternVLTextModel",
-    "TextEncoderOutput", "InternVLImageProcessor", "InternVLTokenizer", "build_transform", "load", "load_image",
-    "validate_tokenizer", "__version__",
-]
+_EXPORTS = {
+    "InternVLError": "internvl_fm.errors",
+    "WeightLoadingError": "internvl_fm.errors",
+    "CheckpointNotFoundError": "internvl_fm.errors",
+    "ImageLoadError": "internvl_fm.errors",
+    "TokenizerContractError": "internvl_fm.errors",
+    "load": "internvl_fm.loading",
+    "InternVisionConfig": "internvl_fm.models.intern_vit",
+    "InternVisionModel": "internvl_fm.models.intern_vit",
+    "InternVLConfig": "internvl_fm.models.internvl",
+    "InternVLModel": "internvl_fm.models.internvl",
+    "InternVLTextModel": "internvl_fm.models.internvl",
+    "TextEncoderOutput": "internvl_fm.models.internvl",
+    "InternVLImageProcessor": "internvl_fm.processing",
+    "build_transform": "internvl_fm.processing",
+    "load_image": "internvl_fm.processing",
+    "InternVLTokenizer": "internvl_fm.tokenization",
+    "validate_tokenizer": "internvl_fm.tokenization",
+}
+
+__all__ = sorted([*_EXPORTS, "demo_model_path", "__version__"])
+
+
+def demo_model_path() -> Path:
+    """Folder of the tiny InternVL-C model that ships with the package (offline demos, examples, tests)."""
+    return Path(__file__).resolve().parent / "assets" / "demo_model"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'internvl_fm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from internvl_fm.errors import (CheckpointNotFoundError, ImageLoadError, InternVLError, TokenizerContractError,
+                                    WeightLoadingError)
+    from internvl_fm.loading import load
+    from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+    from internvl_fm.models.internvl import InternVLConfig, InternVLModel, InternVLTextModel, TextEncoderOutput
+    from internvl_fm.processing import InternVLImageProcessor, build_transform, load_image
+    from internvl_fm.tokenization import InternVLTokenizer, validate_tokenizer
