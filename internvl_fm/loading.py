@@ -269,13 +269,15 @@ def _short(items: list[str], limit: int = 12) -> str:
 
 
 def materialize_meta_buffers(model: nn.Module, device: torch.device | str) -> None:
-    """Re-create buffers left on the meta device (e.g. transformers' rotary `inv_freq`) on `device`."""
+    """Re-create modules whose buffers were left on the meta device (transformers' rotary embeddings: their
+    `inv_freq` is computed, not stored) on `device`; any other meta buffer is an error naming it."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if any(b.is_meta for b in child.buffers(recurse=False)) and hasattr(child, "config"):
-                if "Rotary" not in type(child).__name__:
-                    continue
-                setattr(parent, name, type(child)(config=child.config, device=device))
+            if ("RotaryEmbedding" in type(child).__name__ and hasattr(child, "config")
+                    and any(b.is_meta for b in child.buffers())):
+                with torch.device("cpu"):
+                    fresh = type(child)(child.config)
+                setattr(parent, name, fresh.to(device))
     left = [n for n, b in model.named_buffers() if b.is_meta]
     if left:
         raise WeightLoadingError(f"buffers not initialised after loading: {_short(left)}")

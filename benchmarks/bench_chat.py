@@ -1,0 +1,205 @@
+"""Decode speed and time to first token of InternVLChatModel vs transformers' native InternVLForConditionalGeneration.
+
+Both models hold the same random weights (our official-layout keys mapped to the "-hf" layout as in the spec,
+section 1.6) and run in the same process, same dtype, same greedy settings, interleaved. A streamer timestamps each
+token: time to first token (TTFT) covers the vision tower and the prefill; decode speed is tokens/s after it. On a CPU
+the timestamps are process CPU time by default (`--clock wall` for wall-clock), because on a shared machine wall-clock
+time mostly measures the other processes.
+
+    python benchmarks/bench_chat.py                       # small default, well under 3 minutes on 2 CPU cores
+    python benchmarks/bench_chat.py --llm-hidden 896 --llm-layers 24 --vocab 151655 --image-size 448 --device cuda
+
+Last line: ``bench_chat: <ratio>x decode tokens/s vs transformers InternVLForConditionalGeneration``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from internvl_fm.chat.testing import tiny_chat_config, tiny_chat_model
+from internvl_fm.chat.templates import IMG_CONTEXT_TOKEN  # noqa: F401  (documents which id is the image token)
+
+
+def to_hf_state_dict(official: dict[str, torch.Tensor], vit_hidden: int) -> dict[str, torch.Tensor]:
+    """Official InternVL-Chat keys -> transformers ``InternVLForConditionalGeneration`` keys (Qwen2/Llama LLMs)."""
+    out: dict[str, torch.Tensor] = {}
+    vt = "model.vision_tower."
+    for key, value in official.items():
+        if key.startswith("vision_model."):
+            k = key[len("vision_model."):]
+            k = (k.replace("embeddings.class_embedding", "embeddings.cls_token")
+                  .replace("embeddings.position_embedding", "embeddings.position_embeddings")
+                  .replace("embeddings.patch_embedding", "embeddings.patch_embeddings.projection")
+                  .replace("encoder.layers.", "encoder.layer.")
+                  .replace(".ls1", ".lambda_1").replace(".ls2", ".lambda_2")
+                  .replace(".attn.proj.", ".attention.projection_layer.")
+                  .replace(".attn.", ".attention.")
+                  .replace(".norm1.", ".layernorm_before.").replace(".norm2.", ".layernorm_after."))
+            if ".attention.qkv." in k:
+                for name, part in zip("qkv", (value[:vit_hidden], value[vit_hidden:2 * vit_hidden],
+                                              value[-vit_hidden:])):
+                    out[vt + k.replace(".qkv.", f".{name}_proj.")] = part
+                continue
+            out[vt + k] = value
+        elif key.startswith("mlp1."):
+            names = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+            index, rest = key[len("mlp1."):].split(".", 1)
+            out[f"model.multi_modal_projector.{names[index]}.{rest}"] = value
+        elif key.startswith("language_model.model."):
+            out["model.language_model." + key[len("language_model.model."):]] = value
+        elif key == "language_model.lm_head.weight":
+            out["lm_head.weight"] = value
+        else:
+            raise KeyError(f"no -hf name for {key}")
+    return out
+
+
+def build_hf_model(ours, image_token_id: int):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    vc = ours.config.vision_config
+    llm = ours.config.llm_config.to_dict()
+    llm.update(model_type="qwen2", tie_word_embeddings=False)
+    for key in ("architectures", "dtype", "transformers_version"):
+        llm.pop(key, None)
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=vc.hidden_size, num_hidden_layers=vc.num_hidden_layers,
+                           num_attention_heads=vc.num_attention_heads, intermediate_size=vc.intermediate_size,
+                           image_size=ours.config.image_size, patch_size=vc.patch_size, attention_bias=vc.qkv_bias,
+                           use_qk_norm=vc.qk_normalization, norm_type=vc.norm_type,
+                           layer_norm_eps=vc.layer_norm_eps),
+        text_config=llm, image_token_id=image_token_id, downsample_ratio=ours.config.downsample_ratio,
+        vision_feature_layer=-1, vision_feature_select_strategy="default")
+    config._attn_implementation = "sdpa"
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(config)
+    state = to_hf_state_dict(ours.official_state_dict(), vc.hidden_size)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"key map incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, module in model.named_modules():  # rotary buffers were built on meta
+        if "RotaryEmbedding" in type(module).__name__:
+            parent_name, _, child = name.rpartition(".")
+            with torch.device("cpu"):
+                setattr(model.get_submodule(parent_name), child, type(module)(module.config))
+    return model.eval()
+
+
+class TokenClock:
+    """A generate() streamer that timestamps every new token (the first ``put`` is the prompt and is skipped)."""
+
+    def __init__(self, clock=time.perf_counter) -> None:
+        self.clock = clock
+        self.start = clock()
+        self.prompt_seen = False
+        self.stamps: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.stamps.append(self.clock())
+
+    def end(self) -> None:
+        pass
+
+    def measure(self) -> tuple[float, float]:
+        """(time to first token in s, decode tokens/s after the first token)."""
+        ttft = self.stamps[0] - self.start
+        decode = (len(self.stamps) - 1) / max(self.stamps[-1] - self.stamps[0], 1e-9)
+        return ttft, decode
+
+
+def make_timer(kind: str, device: torch.device):
+    """The clock for token timestamps: process CPU time (robust to other load on a shared CPU) or wall-clock."""
+    if kind == "cpu" or (kind == "auto" and device.type == "cpu"):
+        return time.process_time, "process CPU"
+    if device.type == "cuda":
+        def cuda_wall() -> float:  # a token is only out once the GPU is done with it
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+        return cuda_wall, "wall-clock"
+    return time.perf_counter, "wall-clock"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--tiles", type=int, default=2)
+    parser.add_argument("--vision-hidden", type=int, default=256)
+    parser.add_argument("--vision-layers", type=int, default=4)
+    parser.add_argument("--llm-hidden", type=int, default=512)
+    parser.add_argument("--llm-layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="text tokens around the image span")
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                        help="cpu = process CPU time (stable on a shared CPU); auto = cpu on CPU, wall on CUDA")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+
+    config = tiny_chat_config(args.vocab, llm="qwen2", vision_hidden=args.vision_hidden, llm_hidden=args.llm_hidden,
+                              llm_layers=args.llm_layers, image_size=args.image_size)
+    config.vision_config.num_hidden_layers = args.vision_layers
+    config.vision_config.num_attention_heads = max(1, args.vision_hidden // 64)
+    ours = tiny_chat_model(config, seed=0, dtype=torch.float32)
+    image_token_id = args.vocab - 1
+    ours.img_context_token_id = image_token_id
+    hf = build_hf_model(ours, image_token_id)
+    ours, hf = ours.to(device=device, dtype=dtype), hf.to(device=device, dtype=dtype)
+
+    g = torch.Generator().manual_seed(0)
+    n_img = ours.num_image_token * args.tiles
+    text = torch.randint(10, args.vocab - 10, (args.prompt_tokens,), generator=g)
+    half = args.prompt_tokens // 2
+    input_ids = torch.cat([text[:half], torch.full((n_img,), image_token_id), text[half:]])[None].to(device)
+    attention_mask = torch.ones_like(input_ids)
+    pixel_values = torch.randn(args.tiles, 3, args.image_size, args.image_size, generator=g).to(device, dtype)
+    gen = dict(do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
+
+    @torch.no_grad()
+    def run_ours(n, streamer=None):
+        return ours.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                             max_new_tokens=n, min_new_tokens=n, streamer=streamer, **gen)
+
+    @torch.no_grad()
+    def run_hf(n, streamer=None):
+        return hf.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                           max_new_tokens=n, min_new_tokens=n, streamer=streamer, **gen)[:, input_ids.shape[1]:]
+
+    timer, clock_name = make_timer(args.clock, device)
+    same = run_ours(8).tolist() == run_hf(8).tolist()  # also warms both up
+    samples: dict[str, list[tuple[float, float]]] = {"internvl_fm": [], "transformers": []}
+    for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        for name, fn in (("internvl_fm", run_ours), ("transformers", run_hf)):
+            clock = TokenClock(timer)
+            fn(args.new_tokens, clock)
+            samples[name].append(clock.measure())
+    results = {}
+    for name, runs in samples.items():
+        results[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+        print(f"{name:12s} TTFT {results[name][0] * 1000:8.1f} ms   decode {results[name][1]:8.1f} tokens/s")
+    print(f"prompt {input_ids.shape[1]} tokens ({n_img} image tokens, {args.tiles} tiles of {args.image_size}px), "
+          f"{args.new_tokens} new tokens, {args.dtype} on {device}, median of {args.repeats}, "
+          f"{clock_name} time; same greedy ids: {same}"
+          " (exact in float32; bf16 rounding may differ)")
+    ttft_ratio = results["transformers"][0] / results["internvl_fm"][0]
+    print(f"TTFT speed-up: {ttft_ratio:.2f}x (transformers TTFT / ours)")
+    ratio = results["internvl_fm"][1] / results["transformers"][1]
+    print(f"bench_chat: {ratio:.2f}x decode tokens/s vs transformers InternVLForConditionalGeneration")
+
+
+if __name__ == "__main__":
+    main()
