@@ -35,6 +35,9 @@ ARCHITECTURES: dict[str, str] = {
     "InternVLChatModel": "internvl_fm.chat:InternVLChatModel",
 }
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
@@ -81,6 +84,7 @@ def atomic_write(target: str | os.PathLike) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions open() would
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -153,3 +153,26 @@ def test_fused_cpu_inference_path_matches_autograd_path(tiny_vit_6b_path, dtype,
         ref2 = vit(x).last_hidden_state.detach()
     torch.testing.assert_close(vit(x).last_hidden_state.float(), ref2.float(), atol=tol, rtol=tol)
     assert not torch.allclose(ref2.float(), ref.float(), atol=tol)
+
+
+def test_wrapped_linear_layers_are_called_not_bypassed(tiny_vit_path):
+    vit = InternVisionModel.from_pretrained(tiny_vit_path)
+    x = torch.randn(1, 3, 56, 56)
+    ref = vit(x).last_hidden_state
+
+    class Doubled(torch.nn.Module):  # stands in for a LoRA / quantised wrapper around nn.Linear
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, h):
+            return self.inner(h) * 2
+
+    layer = vit.encoder.layers[0]
+    layer.attn.qkv = Doubled(layer.attn.qkv)
+    assert not layer._fusable
+    with torch.enable_grad():
+        slow = vit(x).last_hidden_state.detach()
+    fast = vit(x).last_hidden_state
+    torch.testing.assert_close(fast, slow)
+    assert not torch.allclose(fast, ref)

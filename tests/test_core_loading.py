@@ -140,3 +140,12 @@ def test_gradient_checkpointing_on_both_towers(tiny_clip_path):
     model.gradient_checkpointing_enable()
     for a, b in zip(plain, grads()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_saved_files_are_readable_by_others(clip, tmp_path):
+    import os
+    import stat
+
+    clip.save_pretrained(tmp_path / "m")
+    mode = os.stat(tmp_path / "m" / "model.safetensors").st_mode
+    assert mode & stat.S_IRGRP and mode & stat.S_IROTH

@@ -149,7 +149,11 @@ class InternAttention(nn.Module):
     def attend(self, hidden_states: torch.Tensor, linear=F.linear) -> torch.Tensor:
         """Attention output with heads merged, before `proj` ([B, N, C])."""
         batch, seq, _ = hidden_states.shape
-        q, k, v = linear(hidden_states, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        if type(self.qkv) is nn.Linear:
+            qkv = linear(hidden_states, self.qkv.weight, self.qkv.bias)
+        else:  # wrapped (LoRA adapters, quantised...): let the module compute itself
+            qkv = self.qkv(hidden_states)
+        q, k, v = qkv.chunk(3, dim=-1)
         if self.qk_normalization:
             q, k = self.q_norm(q), self.k_norm(k)
         shape = (batch, seq, self.num_heads, self.head_dim)
@@ -212,12 +216,17 @@ class InternVisionEncoderLayer(nn.Module):
         self._folded: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and _onednn_fusable(hidden_states):
+        if not torch.is_grad_enabled() and self._fusable and _onednn_fusable(hidden_states):
             return self._forward_fused(hidden_states)
         x = hidden_states
         x = x + drop_path(self.attn(self.norm1(x).to(x.dtype)) * self.ls1, self.drop_path_rate, self.training)
         x = x + drop_path(self.mlp(self.norm2(x).to(x.dtype)) * self.ls2, self.drop_path_rate, self.training)
         return x
+
+    @property
+    def _fusable(self) -> bool:
+        """The fused path reads weights directly: only for plain nn.Linear layers (not LoRA / quantised wrappers)."""
+        return all(type(m) is nn.Linear for m in (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2))
 
     def _folded_weights(self) -> tuple[torch.Tensor, ...]:
         """proj / fc2 weights and biases with the layer scale folded in (cached until a parameter changes)."""

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-steps", type=int, default=defaults.logging_steps)
     p.add_argument("--eval-steps", type=int, default=defaults.eval_steps)
     p.add_argument("--eval-size", type=int, default=defaults.eval_size, help="images of --eval-data used")
+    p.add_argument("--cache-images", action="store_true",
+                   help="decode every training image once into memory (N x 3 x S x S bytes)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if --output has checkpoints")
     p.add_argument("--no-progress", action="store_true")
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         freeze_text=args.freeze_text, lora_vision_rank=args.lora_vision, lora_text_rank=args.lora_text,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.seed, num_workers=args.workers,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.log_steps,
-        eval_steps=args.eval_steps, eval_size=args.eval_size, num_threads=args.threads,
+        eval_steps=args.eval_steps, eval_size=args.eval_size, cache_images=args.cache_images, num_threads=args.threads,
         progress=not args.no_progress)
     history = train_clip(args.model, args.data, training_args, eval_data=args.eval_data, tokenizer=args.tokenizer,
                          resume=not args.no_resume)

@@ -20,7 +20,7 @@ import random
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -330,7 +330,6 @@ class SyntheticConfig:
     positions: tuple[str, ...] = tuple(POSITIONS)
     backgrounds: tuple[str, ...] = BACKGROUNDS
     languages: tuple[str, ...] = LANGUAGES
-    extra: dict = field(default_factory=dict)
 
 
 def generate_samples(num_images: int, config: SyntheticConfig | None = None) -> Iterator[SyntheticSample]:

@@ -17,14 +17,19 @@ def clamp_logit_scale_(logit_scale: torch.Tensor, max_value: float = MAX_LOGIT_S
 
 
 def gather_features(features: torch.Tensor) -> torch.Tensor:
-    """Concatenate `features` from every DDP rank, keeping the gradient of the local shard (identity if single)."""
+    """Concatenate `features` from every DDP rank (identity in a single process).
+
+    Gradients flow through this rank's own shard, the other shards are constants (open_clip's default); summed over
+    ranks by DDP that is the gradient of the full-batch loss, divided by the world size.
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(features), dim=0)
+    gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, features.detach().contiguous())
+    gathered[dist.get_rank()] = features
+    return torch.cat(gathered, dim=0)
 
 
 def gather_ids(ids: torch.Tensor) -> torch.Tensor:

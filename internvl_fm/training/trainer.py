@@ -10,6 +10,7 @@ therefore replays exactly the batches an uninterrupted run would have seen, on a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,8 +41,11 @@ TRAINER_STATE = "trainer_state.json"
 LOG_FILE = "log.jsonl"
 
 # Parameters InternVL-C never uses (G-mode query path, ITM head, LM head): frozen so DDP sees no unused gradients.
-C_MODE_UNUSED = (r"^query_tokens$", r"^clip_projector2\.", r"^itm_head\.", r"\.cross_attn\.", r"^qllama\.lm_head\.")
-VISION_LORA_TARGETS = r"vision_model\.encoder\.layers\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+C_MODE_UNUSED = (r"^query_tokens$", r"^clip_projector2\.", r"^itm_head\.", r"^qllama\.model\.layers\.\d+\.cross_attn\.",
+                 r"^qllama\.lm_head\.")
+# The official recipe also adapts `attn.qkv`; the core's InternAttention reads `qkv.weight` through F.linear instead
+# of calling the module, which would bypass a LoRA wrapper, so qkv is left out until the core calls the module.
+VISION_LORA_TARGETS = r"vision_model\.encoder\.layers\.\d+\.(attn\.proj|mlp\.fc1|mlp\.fc2)"
 TEXT_LORA_TARGETS = r"qllama\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -82,6 +86,7 @@ class TrainingArguments:
     logging_steps: int = 10
     eval_steps: int = 0
     eval_size: int = 500
+    cache_images: bool = False
     num_threads: int | None = None
     progress: bool = True
 
@@ -104,19 +109,41 @@ class ImageTextDataset(Dataset):
     """Image-text pairs of a dataset folder (`metadata.jsonl` + images); items are addressed by (epoch, index).
 
     A record with "captions" (dict or list) gives one caption per visit, drawn from (seed, epoch, index); otherwise
-    its "text" is used.  Each item is (pixel_values [3, S, S], caption, match id).
+    its "text" is used.  Each item is (pixel_values [3, S, S], caption, match id).  With `cache_images` every image is
+    decoded and resized once into a uint8 tensor (N x 3 x S x S bytes of memory) instead of on every visit.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, image_size: int, seed: int = 0, match_attributes: bool = True):
-        from internvl_fm.processing import build_transform
+    def __init__(self, data_dir: str | os.PathLike, image_size: int, seed: int = 0, match_attributes: bool = True,
+                 cache_images: bool = False, progress: bool = True):
+        from internvl_fm.processing import IMAGENET_MEAN, IMAGENET_STD, build_transform
 
         self.data_dir = Path(data_dir)
         self.records = read_metadata(self.data_dir)
+        self.image_size = image_size
         self.transform = build_transform(image_size, "retrieval")
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self.seed = seed
         keys = [match_key(r, i) if match_attributes else f"#{i}" for i, r in enumerate(self.records)]
         ids = {k: n for n, k in enumerate(dict.fromkeys(keys))}
         self.match_ids = [ids[k] for k in keys]
+        self.cache: torch.Tensor | None = self._decode_all(progress) if cache_images else None
+
+    def _decode_all(self, progress: bool) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+        from tqdm.auto import tqdm
+
+        from internvl_fm.processing import load_image
+
+        size = self.image_size
+        cache = torch.empty(len(self.records), 3, size, size, dtype=torch.uint8)
+        for i, rec in enumerate(tqdm(self.records, desc="cache images", disable=not progress)):
+            img = load_image(self.data_dir / rec["image"])
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BICUBIC)
+            cache[i] = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return cache
 
     def __len__(self) -> int:
         return len(self.records)
@@ -131,13 +158,17 @@ class ImageTextDataset(Dataset):
             return random.Random(f"{self.seed}:{epoch}:{index}").choice(caps)
         return rec["text"]
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, str, int]:
+    def pixels(self, index: int) -> torch.Tensor:
+        """Normalised pixel values [3, S, S] of record `index`."""
+        if self.cache is not None:
+            return (self.cache[index].float() / 255.0 - self.mean) / self.std
         from internvl_fm.processing import load_image
 
+        return self.transform(load_image(self.data_dir / self.records[index]["image"]))
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, str, int]:
         epoch, index = item
-        rec = self.records[index]
-        pixels = self.transform(load_image(self.data_dir / rec["image"]))
-        return pixels, self.caption(epoch, index), self.match_ids[index]
+        return self.pixels(index), self.caption(epoch, index), self.match_ids[index]
 
 
 class StepBatchSampler(Sampler):
@@ -190,6 +221,10 @@ def init_weights(model: InternVLModel, seed: int | None = None) -> InternVLModel
     if seed is not None:
         torch.manual_seed(seed)
     model.vision_model.init_weights()
+    with torch.no_grad():
+        # Position embeddings at the scale of the patch embeddings (not timm's 0.02): with 0.02 a small model trained
+        # from scratch learned colour and shape but stayed blind to where the object is (text "left" == "right").
+        nn.init.normal_(model.vision_model.embeddings.position_embedding, std=0.5)
     model.qllama.apply(model.qllama._init_weights)
     std = model.config.initializer_range
     with torch.no_grad():
@@ -208,6 +243,9 @@ def init_weights(model: InternVLModel, seed: int | None = None) -> InternVLModel
         nn.init.normal_(model.query_tokens, std=std)
         nn.init.normal_(model.text_projection, std=model.config.hidden_size ** -0.5)
         model.logit_scale.fill_(math.log(1 / 0.07))
+    if model.config.tie_word_embeddings:  # what from_pretrained does with a tied checkpoint
+        model.qllama.lm_head.weight = model.qllama.model.embed_tokens.weight
+    with torch.no_grad():
         for layer in model.vision_model.encoder.layers:
             for name in ("ls1", "ls2"):
                 getattr(layer, name).fill_(model.config.vision_config.initializer_factor)
@@ -233,9 +271,10 @@ def load_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None = N
         has_weights = any((folder / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json",
                                                            "pytorch_model.bin", "pytorch_model.bin.index.json"))
         config = InternVLConfig.from_pretrained(folder)
-    if config.extra.get("architectures", ["InternVLModel"]) != ["InternVLModel"] and "architectures" in config.extra:
-        raise TrainingError(f"{model} is not an InternVL-C/G checkpoint (architectures "
-                            f"{config.extra['architectures']}); train-clip needs InternVLModel")
+    architectures = config.extra.get("architectures") or ["InternVLModel"]
+    if architectures != ["InternVLModel"]:
+        raise TrainingError(f"{model} is not an InternVL-C/G checkpoint (architectures {architectures}); "
+                            "train-clip needs InternVLModel")
     if has_weights:
         net = InternVLModel.from_pretrained(folder, dtype=torch.float32)
     else:
@@ -255,8 +294,9 @@ def apply_lora(model: InternVLModel, vision_rank: int = 0, text_rank: int = 0, a
                dropout: float = 0.0) -> list[str]:
     """Inject LoRA adapters (peft) into the vision tower and/or QLLaMA; the base weights of those towers freeze.
 
-    Targets are the ones of the official InternVL training code (attn.qkv/proj + mlp.fc1/fc2 in InternViT;
-    q/k/v/o and gate/up/down projections in QLLaMA).  Returns the names of the adapted modules.
+    Targets follow the official InternVL training code (attn.proj + mlp.fc1/fc2 in InternViT, see
+    VISION_LORA_TARGETS about attn.qkv; q/k/v/o and gate/up/down projections in QLLaMA).  Returns the names of the
+    adapted modules.
     """
     if not (vision_rank or text_rank):
         return []
@@ -285,6 +325,7 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+@torch.no_grad()
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under the official key names, with any LoRA adapter merged into its base weight."""
     layers = _lora_layers(model)
@@ -299,6 +340,25 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             merged += layer.get_delta_weight(adapter).to(merged.dtype)
         out[f"{name}.weight"] = merged
     return out
+
+
+@contextlib.contextmanager
+def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Run with every LoRA adapter merged into its base weight, restored bit-exactly afterwards.
+
+    Inference paths that read `.weight` directly (the core's fused CPU kernels) would otherwise skip the adapters.
+    """
+    layers = _lora_layers(model)
+    saved = {name: layer.base_layer.weight.detach().clone() for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.merge()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.unmerge()
+                layer.base_layer.weight.copy_(saved[name])
 
 
 def freeze_parameters(model: InternVLModel, freeze_vision: bool = False, freeze_text: bool = False) -> None:
@@ -443,7 +503,8 @@ class ContrastiveTrainer:
             self.module = DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.loss_fn = ClipLoss(label_smoothing=args.label_smoothing)
-        self.dataset = ImageTextDataset(self.train_data, self.model.image_size, args.seed, args.match_attributes)
+        self.dataset = ImageTextDataset(self.train_data, self.model.image_size, args.seed, args.match_attributes,
+                                        cache_images=args.cache_images, progress=args.progress and self.rank == 0)
         if len(self.dataset) < args.batch_size:
             raise DatasetFormatError(f"{self.train_data} has {len(self.dataset)} records, fewer than batch_size "
                                      f"{args.batch_size}")
@@ -549,7 +610,8 @@ class ContrastiveTrainer:
         if self.eval_set is None:
             return None
         records, images = self.eval_set
-        return evaluate_retrieval(self.model, records, images, ks=(1, 5, 10))
+        with merged_lora(self.model):
+            return evaluate_retrieval(self.model, records, images, ks=(1, 5, 10))
 
     # ------------------------------------------------------------------------------------------------- loop
     def train(self, resume: bool = True) -> list[dict[str, Any]]:
@@ -632,5 +694,5 @@ def train_clip(model: str | os.PathLike, train_data: str | os.PathLike, args: Tr
 __all__ = [
     "ContrastiveModel", "ContrastiveTrainer", "ImageTextDataset", "StepBatchSampler", "TrainingArguments",
     "TrainingError", "apply_lora", "checkpoint_dirs", "export_state_dict", "freeze_parameters", "init_weights",
-    "last_checkpoint", "load_model", "save_model", "train_clip",
+    "last_checkpoint", "load_model", "merged_lora", "save_model", "train_clip",
 ]
