@@ -9,7 +9,12 @@ from PIL import Image
 from internvl_fm import (ImageLoadError, InternVisionModel, InternVLImageProcessor, InternVLModel,
                          InternVLTokenizer, TokenizerContractError, load_image)
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

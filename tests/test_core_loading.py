@@ -10,7 +10,12 @@ from internvl_fm import (CheckpointNotFoundError, InternVisionModel, InternVLMod
                          WeightLoadingError)
 from internvl_fm.loading import count_checkpoint_parameters, load_state_dict
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,12 @@ from safetensors.torch import load_file
 import internvl_fm
 from internvl_fm import InternVisionModel, InternVLModel
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def _case(golden, name):
