@@ -11,7 +11,7 @@ import argparse
 import torch
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
-from common import best_time, gemm_peak_gflops
+from common import gemm_peak_gflops, interleaved_best
 from internvl_fm import InternVisionConfig, InternVisionModel
 from internvl_fm.convert import vision_to_transformers
 
@@ -53,12 +53,11 @@ def main() -> None:
         theirs.to(dtype)
         xd = x.to(dtype)
         peak = gemm_peak_gflops(dtype)
-        results = {}
+        fns = {}
         for impl in ("sdpa", "eager"):
-            ours.set_attn_implementation(impl)
-            results[("internvl-fm", impl)] = best_time(lambda: ours(xd), args.repeats)
-            theirs.set_attn_implementation(impl)
-            results[("transformers", impl)] = best_time(lambda: theirs(xd), args.repeats)
+            fns[("internvl-fm", impl)] = (lambda impl=impl: (ours.set_attn_implementation(impl), ours(xd)))
+            fns[("transformers", impl)] = (lambda impl=impl: (theirs.set_attn_implementation(impl), theirs(xd)))
+        results = interleaved_best(fns, args.repeats)
         best = {}
         for (side, impl), secs in sorted(results.items()):
             ips = args.batch / secs

@@ -13,7 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from internvl_fm.configuration_utils import ConfigBase
 from internvl_fm.loading import PretrainedMixin
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 @dataclasses.dataclass
@@ -141,40 +141,52 @@ class InternAttention(nn.Module):
             self.q_norm = InternRMSNorm(self.embed_dim, eps=config.layer_norm_eps)
             self.k_norm = InternRMSNorm(self.embed_dim, eps=config.layer_norm_eps)
         self.proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.attn_implementation = "sdpa"
+        self.attn_implementation = "auto"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.proj_drop(self.proj(self.attend(hidden_states)))
 
-    def attend(self, hidden_states: torch.Tensor, linear=F.linear) -> torch.Tensor:
-        """Attention output with heads merged, before `proj` ([B, N, C])."""
+    def attend(self, hidden_states: torch.Tensor, qkv=None) -> torch.Tensor:
+        """Attention output with heads merged, before `proj` ([B, N, C]); `qkv` may replace the qkv projection."""
         batch, seq, _ = hidden_states.shape
-        if type(self.qkv) is nn.Linear:
-            qkv = linear(hidden_states, self.qkv.weight, self.qkv.bias)
-        else:  # wrapped (LoRA adapters, quantised...): let the module compute itself
-            qkv = self.qkv(hidden_states)
-        q, k, v = qkv.chunk(3, dim=-1)
+        q, k, v = (qkv or self.qkv)(hidden_states).chunk(3, dim=-1)
         if self.qk_normalization:
             q, k = self.q_norm(q), self.k_norm(k)
         shape = (batch, seq, self.num_heads, self.head_dim)
         q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
         dropout = self.attn_drop if self.training else 0.0
-        if self.attn_implementation == "flash_attention_2" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        impl = self.attn_implementation
+        if impl == "auto":  # CPU inference: cache-friendly eager math; otherwise SDPA (flash / efficient kernels)
+            impl = "eager" if q.device.type == "cpu" and not torch.is_grad_enabled() else "sdpa"
+        if impl == "flash_attention_2" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             from flash_attn import flash_attn_func  # optional, checked by set_attn_implementation
 
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout)
-            out = out.reshape(batch, seq, self.embed_dim)
-        else:
-            if self.attn_implementation == "eager":
-                attn = (q * self.scale) @ k.transpose(-2, -1)
-                attn = attn.softmax(dim=-1)
-                if dropout:
-                    attn = F.dropout(attn, p=dropout)
-                out = attn @ v
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-            out = out.transpose(1, 2).reshape(batch, seq, self.embed_dim)
-        return out
+            return out.reshape(batch, seq, self.embed_dim)
+        if impl == "eager":
+            return eager_attention(q, k, v, self.scale, dropout)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return out.transpose(1, 2).reshape(batch, seq, self.embed_dim)
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T * scale) v for [B, H, N, d] inputs -> [B, N, H*d].
+
+    Without autograd the batch is processed one sample at a time: the [H, N, N] scores of one sample stay in cache,
+    which on CPU is ~2x faster than materialising the scores of the whole batch.
+    """
+    batch, heads, seq, dim = q.shape
+    if torch.is_grad_enabled() or dropout:
+        attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        if dropout:
+            attn = F.dropout(attn, p=dropout)
+        return (attn @ v).transpose(1, 2).reshape(batch, seq, heads * dim)
+    out = q.new_empty(batch, seq, heads, dim)
+    for b in range(batch):
+        scores = torch.matmul(q[b], k[b].transpose(-2, -1)).mul_(scale).softmax(dim=-1)
+        out[b].copy_(torch.matmul(scores, v[b]).transpose(0, 1))
+    return out.reshape(batch, seq, heads * dim)
 
 
 class InternMLP(nn.Module):
@@ -213,7 +225,7 @@ class InternVisionEncoderLayer(nn.Module):
         self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(dim))
         self.drop_path_rate = drop_path_rate
 
-        self._folded: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+        self._packed: tuple[tuple, tuple[torch.Tensor | None, ...]] | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and self._fusable and _onednn_fusable(hidden_states):
@@ -228,26 +240,36 @@ class InternVisionEncoderLayer(nn.Module):
         """The fused path reads weights directly: only for plain nn.Linear layers (not LoRA / quantised wrappers)."""
         return all(type(m) is nn.Linear for m in (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2))
 
-    def _folded_weights(self) -> tuple[torch.Tensor, ...]:
-        """proj / fc2 weights and biases with the layer scale folded in (cached until a parameter changes)."""
-        params = (self.attn.proj.weight, self.attn.proj.bias, self.ls1, self.mlp.fc2.weight, self.mlp.fc2.bias,
-                  self.ls2)
-        key = tuple((id(p), p._version, p.dtype, p.device) for p in params)
-        if self._folded is None or self._folded[0] != key:
-            proj_w, proj_b, ls1, fc2_w, fc2_b, ls2 = params
-            folded = (proj_w * ls1[:, None], proj_b * ls1, fc2_w * ls2[:, None], fc2_b * ls2)
-            self._folded = (key, tuple(t.contiguous() for t in folded))
-        return self._folded[1]
+    def _inference_weights(self, rows: int) -> tuple[torch.Tensor | None, ...]:
+        """Weights for the fused path, prepacked in oneDNN's blocked layout, with the layer scale folded into
+        proj / fc2 (x + ls * (W h + b) == x + (ls W) h + ls b). Cached until a parameter changes."""
+        params = (self.attn.qkv.weight, self.attn.qkv.bias, self.attn.proj.weight, self.attn.proj.bias, self.ls1,
+                  self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight, self.mlp.fc2.bias, self.ls2)
+        key = tuple((id(p), p._version, p.dtype, p.device) if p is not None else None for p in params)
+        if self._packed is None or self._packed[0] != key:
+            qkv_w, qkv_b, proj_w, proj_b, ls1, fc1_w, fc1_b, fc2_w, fc2_b, ls2 = params
+
+            def pack(weight: torch.Tensor) -> torch.Tensor:
+                return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+
+            packed = (pack(qkv_w), qkv_b, pack(proj_w * ls1[:, None]), proj_b * ls1, pack(fc1_w), fc1_b,
+                      pack(fc2_w * ls2[:, None]), fc2_b * ls2)
+            self._packed = (key, packed)
+        return self._packed[1]
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference on CPU through oneDNN fused kernels: bias + GELU and the layer-scaled residual add are fused
-        into the GEMMs (x + ls * (W h + b) == x + (ls W) h + ls b)."""
+        """CPU inference through oneDNN: prepacked weights; bias + GELU and the layer-scaled residual add fused
+        into the GEMMs."""
         linear = torch.ops.mkldnn._linear_pointwise
-        proj_w, proj_b, fc2_w, fc2_b = self._folded_weights()
-        attn = self.attn.attend(self.norm1(x).to(x.dtype), linear=lambda h, w, b: linear(h, w, b, "none", [], ""))
+        qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b = self._inference_weights(x.shape[0] * x.shape[1])
+        attn = self.attn.attend(self.norm1(x).to(x.dtype), qkv=lambda h: linear(h, qkv_w, qkv_b, "none", [], ""))
         x = linear.binary(attn, x, proj_w, proj_b, "add")
-        hidden = linear(self.norm2(x).to(x.dtype), self.mlp.fc1.weight, self.mlp.fc1.bias, "gelu", [], "none")
+        hidden = linear(self.norm2(x).to(x.dtype), fc1_w, fc1_b, "gelu", [], "none")
         return linear.binary(hidden, x, fc2_w, fc2_b, "add")
+
+    def release_inference_cache(self) -> None:
+        """Drop the prepacked inference weights (they roughly double the layer's weight memory while cached)."""
+        self._packed = None
 
 
 class InternVisionEncoder(nn.Module):
@@ -350,7 +372,8 @@ class InternVisionModel(PretrainedMixin, nn.Module):
         self.encoder.gradient_checkpointing = False
 
     def set_attn_implementation(self, name: str) -> None:
-        """Choose the attention kernel: "sdpa" (default), "eager", or "flash_attention_2" (CUDA, if installed)."""
+        """Choose the attention kernel: "auto" (default: eager math for CPU inference, SDPA otherwise), "sdpa",
+        "eager", or "flash_attention_2" (CUDA, if installed)."""
         if name not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"unknown attention implementation {name!r}; choose from {ATTN_IMPLEMENTATIONS}")
         if name == "flash_attention_2":
@@ -360,6 +383,11 @@ class InternVisionModel(PretrainedMixin, nn.Module):
                 raise ImportError("attn_implementation='flash_attention_2' needs the flash-attn package")
         for layer in self.encoder.layers:
             layer.attn.attn_implementation = name
+
+    def release_inference_cache(self) -> None:
+        """Free the prepacked CPU inference weights (rebuilt on the next no-grad CPU forward)."""
+        for layer in self.encoder.layers:
+            layer.release_inference_cache()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
