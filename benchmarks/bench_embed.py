@@ -6,7 +6,7 @@ same batch size. Both use a 300M-shaped InternViT (1024 wide, 24 layers, 16 head
 the embedding is its normalised pooled output. A ratio near 1 means decoding and writing are hidden behind the
 model.
 
-    python benchmarks/bench_embed.py                        # 16 images, < 3 minutes on 2 busy CPU cores
+    python benchmarks/bench_embed.py                        # 64 images, about 1 minute on 2 CPU cores
     python benchmarks/bench_embed.py --n 2000 --batch-size 64 --device cuda --num-workers 8
 
 Last line: `bench_embed: <ratio>x images/s end-to-end vs model-only`.
@@ -70,7 +70,7 @@ def write_jpegs(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=16, help="images")
+    parser.add_argument("--n", type=int, default=64, help="images (enough to amortise the decode worker start)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader decode workers")
     parser.add_argument("--image-size", type=int, default=224)

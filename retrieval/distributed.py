@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .embed import EmbedConfig, Embedder, EmbedReport, ModelSpec, ShardWriter, prepare_batch
 from .search import ImageIndex, IndexOptions
 from .sources import Record, open_source
-from .store import EmbeddingStore, Failure
+from .store import Failure
 
 RECORD_FIELDS = ("position", "key", "path", "data", "caption", "caption_path")
 
@@ -98,11 +98,8 @@ def embed_with_ray(source: Any, out: str | os.PathLike, model_factory: Callable[
     context.enable_progress_bars = False
 
     source = open_source(source)
-    store = EmbeddingStore(out)
-    store.clean_uncommitted()
-    start = store.resume_position(source.source_id)
-    shard_size = max(config.batch_size, -(-config.shard_size // config.batch_size) * config.batch_size)
-    writer = ShardWriter(store, source.source_id, start, shard_size, config.storage_dtype)
+    writer = ShardWriter.resume(source, out, config)
+    start, store, shard_size = writer.start, writer.store, writer.shard_size
     records = ((position, record) for position, record in enumerate(source.iter_from(start), start))
     failures: list[Failure] = []
     bar = tqdm(total=source.length_hint(), initial=start, desc="embedding (ray)", unit="img", disable=not config.progress)

@@ -192,6 +192,16 @@ class ShardWriter:
         self.rows_written = 0
         self._reset(start)
 
+    @classmethod
+    def resume(cls, source: Any, out: str | os.PathLike, config: "EmbedConfig") -> "ShardWriter":
+        """Open the store at `out`, drop any uncommitted shard of a crashed run and continue where the last
+        committed shard of `source` ended (shards hold a whole number of batches)."""
+        store = EmbeddingStore(out)
+        store.clean_uncommitted()
+        start = store.resume_position(source.source_id)
+        shard_size = max(config.batch_size, -(-config.shard_size // config.batch_size) * config.batch_size)
+        return cls(store, source.source_id, start, shard_size, config.storage_dtype)
+
     def _reset(self, start: int) -> None:
         self.start = self.end = start
         self.images: list[np.ndarray] = []
@@ -255,11 +265,8 @@ def run_embedding(source: Any, out: str | os.PathLike, model: Embedder, config: 
     """
     config = config or EmbedConfig()
     source = open_source(source)
-    store = EmbeddingStore(out)
-    store.clean_uncommitted()
-    start = store.resume_position(source.source_id)
-    shard_size = max(config.batch_size, -(-config.shard_size // config.batch_size) * config.batch_size)
-    writer = ShardWriter(store, source.source_id, start, shard_size, config.storage_dtype)
+    writer = ShardWriter.resume(source, out, config)
+    start, store = writer.start, writer.store
     failures: list[Failure] = []
     bar = tqdm(total=source.length_hint(), initial=start, desc="embedding", unit="img", disable=not config.progress)
     for batch in iter_prepared_batches(source, start, model.image_processor, config):

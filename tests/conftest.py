@@ -33,3 +33,19 @@ def tiny_vit_path(golden) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vit_6b_path(golden) -> Path:
     return golden / "internvit_6b" / "checkpoint"
+
+
+@pytest.fixture
+def no_grad():
+    """Run a test without autograd (inference paths)."""
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small convolutions / tiny models on a shared 2-core machine run fastest (and reproducibly) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

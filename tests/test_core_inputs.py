@@ -10,11 +10,7 @@ from internvl_fm import (ImageLoadError, InternVisionModel, InternVLImageProcess
                          InternVLTokenizer, TokenizerContractError, load_image)
 
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 @pytest.fixture(scope="module")

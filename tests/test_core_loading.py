@@ -11,11 +11,7 @@ from internvl_fm import (CheckpointNotFoundError, InternVisionModel, InternVLMod
 from internvl_fm.loading import count_checkpoint_parameters, load_state_dict
 
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,7 @@ import internvl_fm
 from internvl_fm import InternVisionModel, InternVLModel
 
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def _case(golden, name):

@@ -13,14 +13,7 @@ from internvl_fm.segmentation import (CropSizeError, SegmentationConfig, Segment
                                       slide_inference, whole_inference)
 from internvl_fm.segmentation.cli import segment_main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions on a shared 2-core machine run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ from internvl_fm.segmentation.train import (OptimConfig, build_model, latest_che
 VISION = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=4, image_size=112,
               patch_size=8, qkv_bias=True, qk_normalization=False, norm_type="layer_norm")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions on a shared 2-core machine run fastest (and reproducibly) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from internvl_fm.training.trainer import (ContrastiveTrainer, StepBatchSampler, 
 EASY = D.SyntheticConfig(image_size=28, shapes=("circle", "square"), colors=("red", "green", "blue"),
                          sizes=("large",), positions=("center",))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (and several threads spin badly on a shared CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(vocab_size: int) -> InternVLConfig:
