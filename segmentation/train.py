@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from internvl_fm.loading import atomic_write
+from internvl_fm.loading import atomic_directory, atomic_write
 
 from .data import ADE20K_CLASSES, EvalTransform, ResumableSampler, SegmentationDataset, TrainTransform
 from .errors import CropSizeError, SegmentationConfigError
@@ -290,23 +290,15 @@ def save_checkpoint(work_dir: Path, model: SegmentationModel, optimizer: torch.o
                     max_keep: int) -> Path:
     """Write `checkpoints/step_XXXXXXXX` atomically (built in a temp folder, then renamed) and update `latest`."""
     root = work_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    target = root / name
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state(), "config": json.dumps(config.to_dict())}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state()
         torch.save(state, tmp / TRAINING_STATE)
-        target = root / name
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     with atomic_write(root / "latest") as pointer:
         Path(pointer).write_text(name + "\n")
     kept = sorted(p for p in root.glob("step_*") if p.is_dir())

@@ -150,3 +150,21 @@ def test_saved_files_are_readable_by_others(clip, tmp_path):
     clip.save_pretrained(tmp_path / "m")
     mode = os.stat(tmp_path / "m" / "model.safetensors").st_mode
     assert mode & stat.S_IRGRP and mode & stat.S_IROTH
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    from internvl_fm.loading import atomic_directory
+
+    target = tmp_path / "ckpt"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text("half-written")
+            raise RuntimeError("crash while writing")
+    assert (target / "a.txt").read_text() == "first"  # the old folder survives a failed write
+    with atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folders left behind

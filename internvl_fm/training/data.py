@@ -17,14 +17,14 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from PIL import Image, ImageDraw
+
+from internvl_fm.loading import atomic_directory
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -360,9 +360,7 @@ def write_dataset(out_dir: str | os.PathLike, num_images: int, config: Synthetic
 
     config = config or SyntheticConfig()
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as meta:
             samples = generate_samples(num_images, config)
@@ -377,12 +375,6 @@ def write_dataset(out_dir: str | os.PathLike, num_images: int, config: Synthetic
             json.dump({"generator": "internvl_fm.training.data", "num_images": num_images,
                        "image_size": config.image_size, "seed": config.seed, "languages": list(config.languages)},
                       f, indent=2)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -18,7 +18,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from internvl_fm.loading import atomic_write, save_state_dict
+from internvl_fm.loading import atomic_directory, atomic_write, save_state_dict
 from internvl_fm.models.internvl import InternVLConfig, InternVLModel
 
 from .data import DatasetFormatError, read_metadata
@@ -524,10 +523,8 @@ class ContrastiveTrainer:
         """Write `checkpoint-{step}` atomically (rank 0): official model files + training state."""
         if self.rank != 0:
             return None
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.output_dir))
-        try:
+        with atomic_directory(final) as tmp:
             save_model(self.model, tmp, self.tokenizer_dir)
             state = {
                 "step": step,
@@ -544,12 +541,6 @@ class ContrastiveTrainer:
                 "args": dataclasses.asdict(self.args),
                 "last_log": self.history[-1] if self.history else None,
             }, indent=2, default=str) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         limit = self.args.save_total_limit
         if limit:
             for old in checkpoint_dirs(self.output_dir)[:-limit]:
