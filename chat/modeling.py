@@ -220,7 +220,7 @@ class InternVLChatModel(nn.Module):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         pixel_values: torch.Tensor | None = None,

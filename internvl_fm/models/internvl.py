@@ -288,7 +288,7 @@ class InternVLModel(TextTowerMixin, PretrainedMixin, nn.Module):
         logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()
         return logits_per_image, logits_per_image.t()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **generate_kwargs: Any) -> torch.Tensor:
         """Caption token ids (new tokens only). Prompt e.g. "English caption:" tokenised without EOS."""
