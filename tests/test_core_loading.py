@@ -168,3 +168,12 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
         (tmp / "b.txt").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folders left behind
+
+
+def test_vision_tower_of_a_chat_checkpoint(golden):
+    case = golden / "chat_internlm2_v2"
+    vit = InternVisionModel.from_pretrained(case / "checkpoint")  # reads only the vision_model.* tensors
+    x = load_file(str(case / "inputs.safetensors"))["pixel_values"]
+    expected = load_file(str(case / "expected.safetensors"))["vision_hidden_states"]
+    torch.testing.assert_close(torch.stack(vit(x, output_hidden_states=True).hidden_states), expected,
+                               atol=1e-5, rtol=1e-4)
