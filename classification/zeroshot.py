@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from internvl_fm.models.internvl import MODES
+
 from ._utils import hash_json, load_tensors, module_fingerprint, save_tensors
 from .errors import ClassificationError, FeatureDimError
 from .evaluate import EvaluationResult, classification_metrics
 from .prompts import imagenet_classnames, normalize_language, validate_labels, validate_templates, zeroshot_templates
 
-MODES = ("InternVL-C", "InternVL-G")
 ZEROSHOT_LOGIT_SCALE = 100.0
 Padding = Literal["dynamic", "max_length"]
 

@@ -17,11 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from internvl_fm.errors import ImageLoadError
+from internvl_fm.models.internvl import MODES
 
 from .sources import Record, Source, open_source
 from .store import EmbeddingStore, Failure, ShardInfo
-
-MODES = ("InternVL-C", "InternVL-G")
 
 
 class Embedder(Protocol):
