@@ -8,7 +8,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("INTERNVL_GOLDEN", ROOT.parent / "shared" / "golden"))
+FIXTURES = ROOT / "tests" / "fixtures"
+GOLDEN = Path(os.environ.get("INTERNVL_GOLDEN", FIXTURES / "golden"))
+REALCONFIGS = FIXTURES / "realconfigs"
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

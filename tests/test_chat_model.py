@@ -5,6 +5,8 @@ import copy
 import json
 
 import pytest
+
+from conftest import REALCONFIGS
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -90,7 +92,7 @@ def test_forward_loss_and_image_flags(loaded):
 
 
 def test_real_internvl2_2b_config_on_meta(golden):
-    path = golden.parent / "realconfigs" / REAL_2B
+    path = REALCONFIGS / REAL_2B
     config = InternVLChatConfig.from_pretrained(path)
     assert config.num_image_token == 256 and config.template == "internlm2-chat" and config.ps_version == "v2"
     with torch.device("meta"):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+
+from conftest import REALCONFIGS
 import torch
 
 from internvl_fm.chat import InternVLChatModel
@@ -141,7 +143,7 @@ def test_internlm2_tokenizer_files_load_without_remote_code(golden, tmp_path):
 
     from internvl_fm.chat.tokenizer import load_tokenizer
 
-    real = json.loads((golden.parent / "realconfigs" / "InternVL2-2B" / "tokenizer_config.json").read_text())
+    real = json.loads((REALCONFIGS / "InternVL2-2B" / "tokenizer_config.json").read_text())
     shutil.copy(golden / "internvl_c_g" / "checkpoint" / "tokenizer.model", tmp_path / "tokenizer.model")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": real["tokenizer_class"], "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",

@@ -18,7 +18,7 @@ from internvl_fm.retrieval.server import ServerConfig, create_app
 from test_retrieval_common import fast_config, make_images, tiny_model  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ROOT.parent / "shared" / "tools" / "probe_server.py"
+PROBE = ROOT / "tests" / "tools" / "probe_server.py"  # copy of the reviewers' probe (shared/tools)
 N = 12
 
 

@@ -297,6 +297,8 @@ class InternVisionModel(PretrainedMixin, nn.Module):
     """InternViT encoder. `pooler_output` is the CLS token of the last block (no final norm, no head)."""
 
     config_class = InternVisionConfig
+    accepted_architectures = ("InternVisionModel", "InternVLModel", "InternVLChatModel")
+    model_kind = "an InternViT vision encoder"
     checkpoint_prefixes = ("", "vision_model.")
 
     def __init__(self, config: InternVisionConfig):
