@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+
+from internvl_fm.errors import InternVLError
 
 # name -> (module, function, one-line help). The function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -47,17 +50,35 @@ def info_main(argv: list[str]) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"internvl-fm: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. Errors the user can fix (every `InternVLError`) print one line and exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from internvl_fm import __version__
+
+        print(f"internvl-fm {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"internvl-fm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    warnings.formatwarning = _one_line_warning
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except InternVLError as err:
+        print(f"internvl-fm {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"internvl-fm {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@ from typing import Any, ClassVar, TypeVar
 
 C = TypeVar("C", bound="ConfigBase")
 
+# Upper bounds on size fields of any (nested) config: far above every released model, low enough that a typo such
+# as num_hidden_layers 1000000 is refused before a model is built, instead of running until the OOM killer.
+SIZE_LIMITS = {
+    "num_hidden_layers": 1024, "hidden_size": 65536, "intermediate_size": 1 << 20, "num_attention_heads": 4096,
+    "num_key_value_heads": 4096, "vocab_size": 1 << 24, "num_query_token": 65536, "image_size": 16384,
+    "force_image_size": 16384, "max_position_embeddings": 1 << 24, "max_dynamic_patch": 1024,
+}
+
 # Keys of the official configs that only make sense with their remote code; dropped when we write a config.
 _DROPPED_ON_SAVE = {"auto_map", "_commit_hash", "_name_or_path", "transformers_version"}
 
@@ -53,7 +61,9 @@ class ConfigBase:
         """Read `config.json` from a checkpoint folder, a hub id, or a path to the json file itself."""
         from internvl_fm.loading import read_config
 
-        return cls.from_dict(read_config(path))
+        data = read_config(path)
+        check_config_dict(data, str(path))
+        return cls.from_dict(data)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write `config.json` into `folder` (atomically)."""
@@ -65,3 +75,36 @@ class ConfigBase:
         with atomic_write(target) as tmp:
             Path(tmp).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return target
+
+
+def is_transformers_hf_layout(data: dict[str, Any]) -> bool:
+    """True for a transformers-native `-hf` InternVL folder (InternVLForConditionalGeneration / InternVLVisionModel)."""
+    archs = data.get("architectures") or []
+    if any(a in ("InternVLForConditionalGeneration", "InternVLModel") and "text_config" in data for a in archs):
+        return True  # the official InternVL-C/G config is also model_type "internvl", but has qllama_config
+    return "InternVLForConditionalGeneration" in archs or data.get("model_type") == "internvl_vision"
+
+
+def check_config_dict(data: dict[str, Any], where: str = "config.json") -> None:
+    """Refuse configs we cannot build: the transformers `-hf` layout, and size fields past `SIZE_LIMITS`."""
+    from internvl_fm.errors import ConfigError
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: config.json must hold a JSON object")
+    if is_transformers_hf_layout(data):
+        raise ConfigError(f"{where} is a transformers-native '-hf' InternVL folder (InternVLForConditionalGeneration "
+                          "layout), which internvl-fm cannot read yet: use the original OpenGVLab checkpoint (the "
+                          "repository without the -hf suffix)")
+    _check_sizes(data, where, "")
+
+
+def _check_sizes(data: dict[str, Any], where: str, path: str) -> None:
+    from internvl_fm.errors import ConfigError
+
+    for key, value in data.items():
+        if isinstance(value, dict):
+            _check_sizes(value, where, f"{path}{key}.")
+        elif key in SIZE_LIMITS and value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= SIZE_LIMITS[key]:
+                raise ConfigError(f"{where}: {path}{key} = {value!r} is not a plausible model size "
+                                  f"(expected an integer in 0..{SIZE_LIMITS[key]})")

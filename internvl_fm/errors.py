@@ -28,3 +28,11 @@ class ImageLoadError(InternVLError, ValueError):
 
 class TokenizerContractError(InternVLError, ValueError):
     """A tokenizer that would break InternVL-C/G EOS pooling (no eos appended, pad id not 0, left padding...)."""
+
+
+class ModelKindError(InternVLError, ValueError):
+    """A checkpoint holds another kind of model than the one asked for (names both, and the command that fits)."""
+
+
+class ConfigError(InternVLError, ValueError):
+    """A config.json that cannot describe a model we can build (unknown layout, absurd sizes...). Names the field."""

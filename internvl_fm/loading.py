@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from internvl_fm.errors import CheckpointNotFoundError, WeightLoadingError
+from internvl_fm.errors import CheckpointNotFoundError, ModelKindError, WeightLoadingError
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -34,6 +34,15 @@ ARCHITECTURES: dict[str, str] = {
     "InternVisionModel": "internvl_fm.models.intern_vit:InternVisionModel",
     "InternVLModel": "internvl_fm.models.internvl:InternVLModel",
     "InternVLChatModel": "internvl_fm.chat:InternVLChatModel",
+}
+
+# What each architecture is, and the commands / classes that take it (for errors that name the right tool).
+MODEL_KINDS: dict[str, tuple[str, str]] = {
+    "InternVisionModel": ("an InternViT vision encoder",
+                          "InternVisionModel, `internvl-fm seg-train` or `internvl-fm probe`"),
+    "InternVLModel": ("an InternVL-C/G model (InternVL-14B-224px layout)",
+                      "InternVLModel, `internvl-fm classify`, `index build`, `search` or `eval`"),
+    "InternVLChatModel": ("an InternVL-Chat MLLM", "InternVLChatModel, `internvl-fm chat` or `serve-chat`"),
 }
 
 _UMASK = os.umask(0)
@@ -50,16 +59,25 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None =
     if path.is_file() and path.name == "config.json":
         return path.parent
     text = str(path_or_hub_id)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if path.exists():
+        raise CheckpointNotFoundError(f"{text} is a file, not a checkpoint folder")
+    if not _looks_like_hub_id(text):
         raise CheckpointNotFoundError(f"checkpoint folder not found: {text}")
     try:
         from huggingface_hub import snapshot_download
 
         local = snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS)
     except Exception as exc:  # offline, unknown repo, gated...
-        raise CheckpointNotFoundError(f"cannot fetch {text!r} from the Hugging Face hub ({type(exc).__name__}: "
-                                      f"{exc}); pass a local checkpoint folder instead") from exc
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointNotFoundError(f"{text!r} is not a local folder and could not be fetched from the Hugging "
+                                      f"Face hub ({type(exc).__name__}: {reason})") from None
     return Path(local)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """`owner/name` with hub-legal characters (a relative path such as `models/x` that does not exist locally is
+    still tried on the hub, as transformers does)."""
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", text) is not None
 
 
 def read_config(path_or_hub_id: str | os.PathLike) -> dict[str, Any]:
@@ -318,6 +336,8 @@ class PretrainedMixin:
     """
 
     config_class: type = None  # type: ignore[assignment]
+    accepted_architectures: tuple[str, ...] = ()  # architectures whose checkpoints hold this model's weights
+    model_kind: str = "this model"  # how errors name what was asked for
     checkpoint_prefixes: tuple[str, ...] = ("",)
     ignore_on_load: tuple[str, ...] = (r"rotary_emb\.inv_freq$",)
 
@@ -342,9 +362,16 @@ class PretrainedMixin:
                         device: torch.device | str | None = None, config: Any = None, **kwargs: Any):
         """Load a checkpoint folder or hub id. `dtype=None` keeps the stored dtype; `device` defaults to CPU."""
         folder = resolve_checkpoint(path)
-        config = config if config is not None else cls.config_class.from_pretrained(folder)
+        if config is None:
+            from internvl_fm.configuration_utils import check_config_dict
+
+            data = read_config(folder)
+            check_config_dict(data, str(path))
+            check_model_kind(path, data, cls.accepted_architectures, cls.model_kind)
+            config = cls.config_class.from_dict(data)
         dtype = resolve_dtype(dtype)
         device = torch.device(device or "cpu")
+        warn_if_slow_dtype(dtype, device)
         with torch.device("meta"):
             model = cls(config, **kwargs)
         files = WeightFiles(folder)
@@ -390,6 +417,26 @@ def _get_param(module: nn.Module, key: str) -> nn.Parameter:
 def _set_param(module: nn.Module, key: str, value: nn.Parameter) -> None:
     owner, _, name = key.rpartition(".")
     setattr(module.get_submodule(owner) if owner else module, name, value)
+
+
+def check_model_kind(path: str | os.PathLike, config: dict[str, Any], accepted: tuple[str, ...],
+                     wanted: str) -> None:
+    """Raise ModelKindError when config.json names an architecture outside `accepted` (no architectures: no check).
+    The message says what the folder holds and which class / command takes it."""
+    archs = config.get("architectures") or []
+    if not archs or any(a in accepted for a in archs):
+        return
+    holds, use = MODEL_KINDS.get(archs[0], (f"a {archs[0]} model", f"one of {sorted(ARCHITECTURES)}"))
+    raise ModelKindError(f"{path} holds {holds}, not {wanted}: use {use}")
+
+
+def warn_if_slow_dtype(dtype: torch.dtype | None, device: torch.device | str | None) -> None:
+    """float16 on the CPU runs, ~300x slower than bfloat16: say so (once per call site)."""
+    if dtype == torch.float16 and torch.device(device or "cpu").type == "cpu":
+        import warnings
+
+        warnings.warn("float16 on the CPU is ~300x slower than bfloat16: use dtype bfloat16 (--dtype bfloat16)",
+                      stacklevel=3)
 
 
 def load(path: str | os.PathLike, **kwargs: Any):

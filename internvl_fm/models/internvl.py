@@ -214,6 +214,8 @@ class InternVLModel(TextTowerMixin, PretrainedMixin, nn.Module):
     """InternVL-C / InternVL-G: contrastive and generative image-text embeddings, captioning, text encoder."""
 
     config_class = InternVLConfig
+    accepted_architectures = ("InternVLModel",)
+    model_kind = "an InternVL-C/G model"
     ignore_on_load = (r"rotary_emb\.inv_freq$",)
 
     def __init__(self, config: InternVLConfig):
@@ -343,6 +345,8 @@ class InternVLTextModel(TextTowerMixin, PretrainedMixin, nn.Module):
     """Only the text side of InternVL-C/G (QLLaMA + text_projection): a text encoder that never builds the ViT."""
 
     config_class = InternVLConfig
+    accepted_architectures = ("InternVLModel",)
+    model_kind = "an InternVL-C/G text encoder"
 
     def __init__(self, config: InternVLConfig):
         super().__init__()

@@ -198,6 +198,13 @@ class QLlamaPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
 
 
+def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The KV cache passed under either name (`past_key_values`, or `cache` as transformers >= 5.24 passes it)."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the KV cache once: as past_key_values or as cache, not both")
+    return past_key_values if past_key_values is not None else cache
+
+
 class QLlamaModel(QLlamaPreTrainedModel):
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
@@ -218,9 +225,11 @@ class QLlamaModel(QLlamaPreTrainedModel):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 vision_hidden_states: torch.Tensor | None = None, use_zero_attention_mask: bool = False,
-                causal: bool = True, **kwargs: Any) -> BaseModelOutputWithPast:
+                causal: bool = True, cache: Cache | None = None) -> BaseModelOutputWithPast:
         """Decoder forward. `attention_mask` is 2-D over past + current tokens; `causal=False` makes every token
-        see every other (used for the InternVL-G query tokens)."""
+        see every other (used for the InternVL-G query tokens). `cache` is the name transformers >= 5.24 gives the
+        KV cache (`past_key_values` before)."""
+        past_key_values = _one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -273,8 +282,15 @@ class QLlamaForCausalLM(QLlamaPreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, vision_hidden_states: torch.Tensor | None = None,
-                use_zero_attention_mask: bool = False, logits_to_keep: int = 0,
-                **kwargs: Any) -> CausalLMOutputWithPast:
+                use_zero_attention_mask: bool = False, logits_to_keep: int = 0, cache: Cache | None = None,
+                return_dict: bool = True, output_attentions: bool = False,
+                output_hidden_states: bool = False) -> CausalLMOutputWithPast:
+        """Logits (and the loss when `labels` are given). The arguments `generate` passes are named here: anything
+        else raises a TypeError instead of being dropped silently."""
+        if not return_dict or output_attentions or output_hidden_states:
+            raise ValueError("QLlamaForCausalLM returns a CausalLMOutputWithPast only: return_dict=False, "
+                             "output_attentions and output_hidden_states are not supported")
+        past_key_values = _one_cache(past_key_values, cache)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                              vision_hidden_states=vision_hidden_states,
