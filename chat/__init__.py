@@ -1,4 +1,4 @@
-"""InternVL-Chat (InternVL 1.5 / 2 / 2.5 / 3 and Mini-InternVL) on the shared InternViT and transformers' LLMs.
+"""InternVL-Chat (InternVL 1.5 / 2 / 2.5, Mini-InternVL) on the shared InternViT and transformers' LLMs.
 
 Pure helpers (tiling, video sampling, templates, grounding) import eagerly; the model, server and CLI load lazily so
 that ``from internvl_fm.chat import render_prompt`` stays cheap.

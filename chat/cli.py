@@ -2,36 +2,62 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
 
+from internvl_fm.cli_utils import CLIError, add_model_options, dtype_or_none, new_parser, resolve_device
+
 __all__ = ["chat_main", "serve_main"]
 
 
+MODEL_HELP = "InternVL-Chat checkpoint folder or Hugging Face hub id (e.g. OpenGVLab/InternVL2-2B)"
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="InternVL-Chat checkpoint folder or hub id")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint folder)")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32, float16 or auto")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
+    # MODEL is positional (`internvl-fm chat MODEL`); --model, the name other commands use, works too
+    parser.add_argument("model", nargs="?", metavar="MODEL", default=argparse.SUPPRESS, help=MODEL_HELP)
+    parser.add_argument("--model", dest="model_option", metavar="MODEL", default=argparse.SUPPRESS,
+                        help="same as the positional MODEL")
+    parser.add_argument("--tokenizer", help="tokenizer folder or hub id (None: the checkpoint's own)")
+    add_model_options(parser, dtype="bfloat16")
     parser.add_argument("--device-map", default=None, choices=["auto"],
                         help="split over all GPUs like the model cards (needs accelerate)")
     parser.add_argument("--load-in-8bit", action="store_true", help="int8 LLM weights (bitsandbytes, CUDA)")
-    parser.add_argument("--max-num", type=int, default=None, help="max tiles per image (default: config)")
+    parser.add_argument("--max-num", type=int, default=None,
+                        help="max tiles per image (None: the config's max_dynamic_patch)")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, take MODEL from the positional or `--model`, and check what can be checked before loading."""
+    args = parser.parse_args(argv)
+    model, option = getattr(args, "model", None), getattr(args, "model_option", None)
+    if model and option and model != option:
+        parser.error("give MODEL once: positional or --model")
+    args.model = model or option
+    if not args.model:
+        parser.error("MODEL is required (a checkpoint folder or hub id)")
+    args.device = resolve_device(args.device)
+    if args.load_in_8bit and args.device_map:
+        raise CLIError("--load-in-8bit loads the model on one GPU: drop --device-map")
+    if args.load_in_8bit and not args.device.startswith("cuda"):
+        raise CLIError(f"--load-in-8bit needs a CUDA --device (bitsandbytes int8 kernels), got {args.device}")
+    if args.max_num is not None and args.max_num < 1:
+        parser.error(f"--max-num must be >= 1, got {args.max_num}")
+    return args
 
 
 def _load(args: argparse.Namespace):
-    import torch
-
     from .modeling import InternVLChatModel
     from .tokenizer import load_tokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = InternVLChatModel.from_pretrained(args.model, dtype=args.dtype, device=None if args.device_map else device,
+    model = InternVLChatModel.from_pretrained(args.model, dtype=dtype_or_none(args.dtype),
+                                              device=None if args.device_map else args.device,
                                               device_map=args.device_map, load_in_8bit=args.load_in_8bit)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
     if tokenizer is None:
-        raise SystemExit(f"no tokenizer found in {args.model}; pass --tokenizer")
+        raise CLIError(f"no tokenizer found in {args.model}; pass --tokenizer FOLDER")
     return model, tokenizer
 
 
@@ -77,16 +103,17 @@ def _image_prefix(num_images: int) -> str:
     return "".join(f"Image-{i + 1}: <image>\n" for i in range(num_images))
 
 
-def _save_boxes(answer: str, image_path: str | None, out: str | None) -> None:
-    if not out:
-        return
+def _image_format_known(path: str) -> bool:
+    from PIL import Image
+
+    return Path(path).suffix.lower() in Image.registered_extensions()
+
+
+def _save_boxes(answer: str, image_path: str, out: str) -> None:
     from PIL import Image
 
     from .grounding import draw_boxes, ground
 
-    if image_path is None:
-        print("--boxes-out needs an --image", file=sys.stderr)
-        return
     image = Image.open(image_path)
     boxes = ground(answer, image.width, image.height)
     if not boxes:
@@ -95,26 +122,37 @@ def _save_boxes(answer: str, image_path: str | None, out: str | None) -> None:
     from internvl_fm.loading import atomic_write
 
     with atomic_write(out) as tmp:
-        draw_boxes(image, boxes).save(tmp, format=Path(out).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+        draw_boxes(image, boxes).save(tmp, format=Image.registered_extensions()[Path(out).suffix.lower()])
     print(f"drew {len(boxes)} box(es) to {out}", file=sys.stderr)
 
 
 def chat_main(argv: list[str]) -> int:
     """Chat with an InternVL-Chat model: one question (``-q``) or an interactive session."""
-    parser = argparse.ArgumentParser(prog="internvl-fm chat", description=chat_main.__doc__)
+    parser = new_parser("internvl-fm chat", chat_main.__doc__)
     _add_model_args(parser)
-    parser.add_argument("-q", "--question", help="ask one question and exit (default: interactive)")
+    parser.add_argument("-q", "--question", help="ask one question and exit (None: interactive session)")
     parser.add_argument("-i", "--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument("--video", help="video file (frames sampled with the official get_index; needs av)")
     parser.add_argument("--num-segments", type=int, default=8, help="video frames to sample")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--system", help="system message (default: the template's)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens to generate at most per answer")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--system", help="system message (None: the template's)")
     parser.add_argument("--no-stream", action="store_true", help="print the answer at the end, not token by token")
     parser.add_argument("--boxes-out", help="draw <box> answers on the first image into this file")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.image and args.video:
         parser.error("use --image or --video, not both")
+    if args.boxes_out and not args.image:
+        parser.error("--boxes-out needs an --image")
+    if args.boxes_out and not _image_format_known(args.boxes_out):
+        parser.error(f"--boxes-out {args.boxes_out}: use an image file name (.png, .jpg...)")
+    if args.num_segments < 1 or args.max_new_tokens < 1 or args.temperature < 0:
+        parser.error("--num-segments and --max-new-tokens must be >= 1, --temperature >= 0")
+    for path in [*args.image, *([args.video] if args.video else [])]:
+        if not Path(path).is_file():
+            raise CLIError(f"file not found: {path}")
+    if args.video and importlib.util.find_spec("av") is None:
+        raise CLIError("--video needs PyAV: pip install av (or pip install 'internvl-fm[video]')")
 
     model, tokenizer = _load(args)
     if args.system is not None:
@@ -131,7 +169,8 @@ def chat_main(argv: list[str]) -> int:
 
     if args.question is not None:
         answer = _answer(model, tokenizer, pixel_values, prefix + args.question, generation, [], num_patches, stream)
-        _save_boxes(answer, args.image[0] if args.image else None, args.boxes_out)
+        if args.boxes_out:
+            _save_boxes(answer, args.image[0], args.boxes_out)
         return 0
 
     print("interactive chat: /reset clears the history, /quit exits", file=sys.stderr)
@@ -159,18 +198,24 @@ def serve_main(argv: list[str]) -> int:
     """Serve an InternVL-Chat model with an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
     from .server import ServerSettings, serve
 
-    parser = argparse.ArgumentParser(prog="internvl-fm serve-chat", description=serve_main.__doc__)
+    parser = new_parser("internvl-fm serve-chat", serve_main.__doc__)
     _add_model_args(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-name", default=None, help="model id clients must send (default: folder name)")
-    parser.add_argument("--allowed-root", help="local image files must be under this folder (default: none allowed)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--model-name", default=None, help="model id clients must send (None: the folder name)")
+    parser.add_argument("--allowed-root", help="local image files must be under this folder (None: no local files)")
     parser.add_argument("--allow-http", action="store_true", help="let clients pass http(s) image URLs")
-    parser.add_argument("--max-images", type=int, default=8)
-    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
-    parser.add_argument("--max-request-bytes", type=int, default=20 * 1024 * 1024)
-    parser.add_argument("--max-new-tokens", type=int, default=1024, help="cap on max_tokens")
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-images", type=int, default=8, help="images per request at most")
+    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image at most")
+    parser.add_argument("--max-request-bytes", type=int, default=20 * 1024 * 1024, help="request body size at most")
+    parser.add_argument("--max-new-tokens", type=int, default=1024, help="cap on a request's max_tokens")
+    args = _parse(parser, argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    if min(args.max_images, args.max_image_pixels, args.max_request_bytes, args.max_new_tokens) < 1:
+        parser.error("--max-images, --max-image-pixels, --max-request-bytes and --max-new-tokens must be >= 1")
+    if args.allowed_root and not Path(args.allowed_root).is_dir():
+        raise CLIError(f"--allowed-root is not a folder: {args.allowed_root}")
 
     model, tokenizer = _load(args)
     settings = ServerSettings(

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from internvl_fm.configuration_utils import ConfigBase
+from internvl_fm.configuration_utils import ConfigBase, check_config_dict
+from internvl_fm.errors import ConfigError
 from internvl_fm.models.intern_vit import InternVisionConfig
 
 from .llm import build_llm_config, export_llm_config
@@ -55,15 +56,15 @@ class InternVLChatConfig(ConfigBase):
             self.llm_config = build_llm_config(self.llm_config)
         self.llm_config.tie_word_embeddings = False
         if self.ps_version not in PS_VERSIONS:
-            raise ValueError(f"ps_version must be one of {PS_VERSIONS}, got {self.ps_version!r}")
+            raise ConfigError(f"ps_version must be one of {PS_VERSIONS}, got {self.ps_version!r}")
         inverse = 1 / self.downsample_ratio if self.downsample_ratio > 0 else 0.0
         if not 0 < self.downsample_ratio <= 1 or abs(inverse - round(inverse)) > 1e-6:
-            raise ValueError(f"downsample_ratio must be 1/k for an integer k, got {self.downsample_ratio}")
+            raise ConfigError(f"downsample_ratio must be 1/k for an integer k, got {self.downsample_ratio}")
         if self.template is not None:
             get_template(self.template)  # unknown names fail here, listing the known ones
         depth = self.vision_config.num_hidden_layers
         if not -(depth + 1) <= self.select_layer <= depth:  # an index into the L+1 hidden states
-            raise ValueError(f"select_layer {self.select_layer} is out of range for a {depth}-layer vision tower")
+            raise ConfigError(f"select_layer {self.select_layer} is out of range for a {depth}-layer vision tower")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -96,6 +97,11 @@ class InternVLChatConfig(ConfigBase):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InternVLChatConfig":
-        """Build from an official config dict (``hidden_size`` / ``tie_word_embeddings`` are derived, not read)."""
+        """Build from an official config dict (``hidden_size`` / ``tie_word_embeddings`` are derived, not read).
+
+        A transformers-native ``-hf`` InternVL config (``text_config`` / ``InternVLForConditionalGeneration``) or an
+        absurd size raises :class:`~internvl_fm.errors.ConfigError`.
+        """
+        check_config_dict(data, "this config")
         data = {k: v for k, v in data.items() if k not in ("hidden_size", "tie_word_embeddings")}
         return super().from_dict(data)

@@ -1,9 +1,9 @@
 """The language model of InternVL-Chat, built from transformers' native classes (no remote code).
 
-``llm_config["architectures"][0]`` picks the class: Llama, Qwen2, Qwen3 and Phi3 checkpoints load natively (the
-official repo ships copies of these classes with the same key names); InternLM2 checkpoints are converted at load time
-to the Llama layout (fused ``wqkv`` split per key/value group, renamed modules) and converted back on save, so the
-files on disk always keep the official InternLM2 layout.
+``llm_config["architectures"][0]`` picks the class: Llama, Qwen2, Phi3 and Qwen3 checkpoints load natively (the
+official repo ships copies of these classes with the same key names; Qwen3 is checked on tiny random models only);
+InternLM2 checkpoints are converted at load time to the Llama layout (fused ``wqkv`` split per key/value group,
+renamed modules) and converted back on save, so the files on disk always keep the official InternLM2 layout.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import re
 from typing import Any
 
 import torch
+
+from internvl_fm.errors import ConfigError
 
 __all__ = [
     "SUPPORTED_LLM_ARCHITECTURES",
@@ -55,7 +57,7 @@ _INTERNLM2_FIELDS = (
 )
 
 
-class UnsupportedLLMError(ValueError):
+class UnsupportedLLMError(ConfigError):
     """``llm_config.architectures`` names a language model this package cannot build."""
 
 

@@ -6,6 +6,8 @@ and scripts written against the model cards keep working.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 import threading
@@ -18,8 +20,11 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from internvl_fm.loading import (atomic_write, check_state_dict, load_state_dict, materialize_meta_buffers,
-                                 resolve_checkpoint, resolve_dtype, save_state_dict)
+from internvl_fm.configuration_utils import check_config_dict
+from internvl_fm.errors import TokenizerContractError
+from internvl_fm.loading import (atomic_write, check_model_kind, check_state_dict, load_state_dict,
+                                 materialize_meta_buffers, read_config, resolve_checkpoint, resolve_dtype,
+                                 save_state_dict, warn_if_slow_dtype)
 from internvl_fm.models.intern_vit import InternVisionModel
 
 from .configuration import InternVLChatConfig
@@ -85,7 +90,7 @@ def split_device_map(num_llm_layers: int, num_gpus: int | None = None) -> dict[s
 
 
 class InternVLChatModel(nn.Module):
-    """InternVL-Chat multimodal LLM (InternVL 1.5 / 2 / 2.5 / 3, Mini-InternVL).
+    """InternVL-Chat multimodal LLM (InternVL 1.5 / 2 / 2.5, Mini-InternVL).
 
     ``vision_model`` (core InternViT), ``mlp1`` (LayerNorm -> Linear -> GELU -> Linear projector) and
     ``language_model`` (a transformers ``*ForCausalLM``). Image tiles become ``num_image_token`` embeddings each,
@@ -195,11 +200,18 @@ class InternVLChatModel(nn.Module):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = True,
+        cache: Any = None,
     ) -> CausalLMOutputWithPast:
         """Logits (and the shifted cross-entropy loss when ``labels`` are given; ``-100`` is ignored).
 
         ``image_flags`` ``[tiles, 1]`` marks real tiles (1) and dummy tiles of text-only samples (0); default all 1.
+        The KV cache may be passed as ``past_key_values`` or ``cache`` (its name from transformers 5.24 on); it is
+        handed to the language model under the name its ``forward`` takes. ``return_dict=False`` returns the
+        output's tuple (``(loss, logits, ...)``, ``None`` fields left out). Unknown keyword arguments raise.
         """
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the KV cache once: cache= or past_key_values=, not both")
+        cache = cache if cache is not None else past_key_values
         vit_embeds = None
         if pixel_values is not None:
             vit_embeds = self.extract_feature(pixel_values)
@@ -208,8 +220,8 @@ class InternVLChatModel(nn.Module):
         input_embeds = self._embed_with_images(input_ids, vit_embeds)
         outputs = self.language_model(
             inputs_embeds=input_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True)
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=True, **{_cache_argument(type(self.language_model)): cache})
         logits = outputs.logits
         loss = None
         if labels is not None:
@@ -217,8 +229,9 @@ class InternVLChatModel(nn.Module):
             shift_labels = labels[..., 1:].contiguous().to(shift_logits.device)
             loss = nn.functional.cross_entropy(shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1),
                                                ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions, **{_OUTPUT_CACHE_FIELD: _output_cache(outputs)})
+        return out if return_dict is not False else out.to_tuple()
 
     @torch.inference_mode()
     def generate(
@@ -254,14 +267,16 @@ class InternVLChatModel(nn.Module):
         stop = get_template(self.template).stop_token
         token_id = tokenizer.convert_tokens_to_ids(stop)
         if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
-            raise ValueError(f"the tokenizer has no {stop!r} token, which template {self.template!r} ends turns with")
+            raise TokenizerContractError(f"the tokenizer has no {stop!r} token, which template {self.template!r} "
+                                         "ends turns with")
         return stop, token_id
 
     def _set_img_context_token(self, tokenizer, required: bool = True) -> None:
         token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
             if required:
-                raise ValueError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token (add the InternVL special tokens)")
+                raise TokenizerContractError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token (add the InternVL "
+                                             "special tokens)")
             return
         self.img_context_token_id = token_id
 
@@ -468,10 +483,17 @@ class InternVLChatModel(nn.Module):
         """
         if load_in_8bit:
             _check_8bit_support(device)
-        folder = resolve_checkpoint(path)
-        config = config if config is not None else InternVLChatConfig.from_pretrained(folder)
+        folder = resolve_checkpoint(path)  # CheckpointNotFoundError (one line) for a missing folder / hub id
+        if config is None:
+            data = read_config(folder)
+            check_config_dict(data, str(path))  # transformers '-hf' folders and absurd sizes: ConfigError
+            check_model_kind(path, data, ("InternVLChatModel",), "an InternVL-Chat model")
+            config = InternVLChatConfig.from_dict(data)
         config.llm_config._attn_implementation = attn_implementation
         dtype = resolve_dtype(dtype)
+        target = torch.device(device or ("cuda" if load_in_8bit else "cpu"))
+        if device_map is None:
+            warn_if_slow_dtype(dtype, target)
         with torch.device("meta"):
             model = cls(config)
         model.load_official_state_dict(load_state_dict(folder, dtype=dtype), assign=True)
@@ -479,7 +501,6 @@ class InternVLChatModel(nn.Module):
             materialize_meta_buffers(model, torch.device("cpu"))
             model._dispatch(device_map)
         else:
-            target = torch.device(device or ("cuda" if load_in_8bit else "cpu"))
             materialize_meta_buffers(model, target)
             if load_in_8bit:
                 model._quantize_8bit(target)
@@ -534,6 +555,23 @@ class InternVLChatModel(nn.Module):
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(folder)
         return folder
+
+
+# transformers >= 5.24 names the KV cache `cache` (in forward arguments and in model outputs), older releases
+# `past_key_values`; the old names still work there with a FutureWarning until 5.40.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) \
+    else "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """The name under which ``model_class.forward`` takes the KV cache (``cache`` or ``past_key_values``)."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(outputs: Any) -> Any:
+    return getattr(outputs, _OUTPUT_CACHE_FIELD, None)
 
 
 def _check_8bit_support(device: torch.device | str | None) -> None:

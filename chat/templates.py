@@ -1,12 +1,14 @@
 """Conversation templates of InternVL-Chat and the exact prompt strings ``chat()`` feeds the tokenizer.
 
 The templates reproduce ``internvl_chat/internvl/conversation.py`` of the official repository: the MPT separator style
-(InternVL 1.5 / 2 / 2.5 / 3) and the legacy ``internvl_zh`` style (InternVL-Chat-V1-1).
+(InternVL 1.5 / 2 / 2.5) and the legacy ``internvl_zh`` style (InternVL-Chat-V1-1).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from internvl_fm.errors import ConfigError
 
 __all__ = [
     "IMG_START_TOKEN",
@@ -34,7 +36,7 @@ _INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上�
 Turn = tuple[str, "str | None"]
 
 
-class UnknownTemplateError(KeyError):
+class UnknownTemplateError(ConfigError, KeyError):
     """A template name that is not one of :data:`TEMPLATES`; the message lists the known names."""
 
     def __str__(self) -> str:

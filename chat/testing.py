@@ -1,7 +1,9 @@
 """Tiny random InternVL-Chat models and tokenizers for tests, examples and benchmarks (no download needed)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,7 +11,7 @@ import torch
 from .configuration import InternVLChatConfig
 from .templates import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
-__all__ = ["SPECIAL_TOKENS", "tiny_tokenizer", "tiny_chat_config", "tiny_chat_model"]
+__all__ = ["SPECIAL_TOKENS", "tiny_tokenizer", "tiny_chat_config", "tiny_chat_model", "save_tiny_chat_checkpoint"]
 
 SPECIAL_TOKENS = (
     "<|im_start|>", "<|im_end|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>",
@@ -55,15 +57,19 @@ def tiny_chat_config(
     **overrides: Any,
 ) -> InternVLChatConfig:
     """An ``InternVLChatConfig`` with a tiny InternViT (2 layers) and a tiny LLM (``qwen2``, ``llama``,
-    ``internlm2`` or ``phi3``); ``image_size`` 28 gives one visual token per tile."""
+    ``internlm2``, ``phi3`` or ``qwen3``); ``image_size`` 28 gives one visual token per tile."""
     archs = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM",
-             "phi3": "Phi3ForCausalLM"}
+             "phi3": "Phi3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    if llm not in archs:
+        raise ValueError(f"unknown tiny LLM {llm!r}; use one of {sorted(archs)}")
     llm_config: dict[str, Any] = {
         "architectures": [archs[llm]], "vocab_size": vocab_size, "hidden_size": llm_hidden,
         "intermediate_size": 2 * llm_hidden, "num_hidden_layers": llm_layers, "num_attention_heads": 4,
         "num_key_value_heads": 2 if llm != "phi3" else 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "hidden_act": "silu",
     }
+    if llm == "qwen3":  # Qwen3Config's head_dim defaults to 128, not hidden_size / heads
+        llm_config["head_dim"] = llm_hidden // 4
     vision_config = {
         "hidden_size": vision_hidden, "num_attention_heads": 2, "intermediate_size": 2 * vision_hidden,
         "num_hidden_layers": 2, "image_size": image_size, "patch_size": 14, "qkv_bias": True,
@@ -77,8 +83,13 @@ def tiny_chat_config(
 
 
 @torch.no_grad()
-def tiny_chat_model(config: InternVLChatConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A randomly initialised :class:`InternVLChatModel` (deterministic for a seed), in eval mode."""
+def tiny_chat_model(config: InternVLChatConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    words_only: bool = True):
+    """A randomly initialised :class:`InternVLChatModel` (deterministic for a seed), in eval mode.
+
+    ``words_only`` zeroes the LM head rows of the ids :func:`tiny_tokenizer` gives its special tokens, so greedy
+    answers are words (never empty, never stopped early by the template's stop token).
+    """
     from .modeling import InternVLChatModel
 
     torch.manual_seed(seed)
@@ -92,4 +103,15 @@ def tiny_chat_model(config: InternVLChatConfig, seed: int = 0, dtype: torch.dtyp
         else:
             fan_in = param[0].numel() if param.ndim > 1 else 1
             param.copy_(torch.randn(param.shape, generator=generator) / fan_in ** 0.5)
+    if words_only:
+        model.language_model.get_output_embeddings().weight[:4 + len(SPECIAL_TOKENS)] = 0.0
     return model.to(dtype).eval()
+
+
+def save_tiny_chat_checkpoint(folder: str | os.PathLike, llm: str = "qwen2", seed: int = 0) -> Path:
+    """Write a tiny random chat model with its tokenizer to ``folder`` in the official layout (for the CLI, the
+    server and examples: ``internvl-fm chat FOLDER -q "describe this image"``). Returns the folder."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_chat_model(tiny_chat_config(len(tokenizer), llm=llm), seed=seed)
+    model.tokenizer = tokenizer
+    return model.save_pretrained(folder)

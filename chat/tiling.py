@@ -1,4 +1,4 @@
-"""Dynamic high-resolution tiling of InternVL 1.5 / 2 / 2.5 / 3 (``dynamic_preprocess`` of the official code).
+"""Dynamic high-resolution tiling of InternVL 1.5 / 2 / 2.5 (``dynamic_preprocess`` of the official code).
 
 An image is resized to the ``cols x rows`` grid of ``image_size`` tiles whose aspect ratio is closest to the image's,
 cut into tiles row-major, and (when there is more than one tile and ``use_thumbnail``) followed by a thumbnail of the

@@ -6,6 +6,9 @@ import os
 import warnings
 from pathlib import Path
 
+from internvl_fm.errors import CheckpointNotFoundError, TokenizerContractError
+from internvl_fm.loading import resolve_checkpoint
+
 from .templates import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 __all__ = ["load_tokenizer", "find_tokenizer", "TOKENIZER_FILES"]
@@ -18,11 +21,14 @@ _NATIVE_TOKENIZERS = {"InternLM2Tokenizer": "LlamaTokenizer", "InternLM2Tokenize
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer of a checkpoint folder; InternLM2's remote-code tokenizer is read as a native Llama tokenizer.
 
-    Raises ``ValueError`` if the InternVL image tokens (``<img>``, ``</img>``, ``<IMG_CONTEXT>``) are missing.
+    Raises :class:`~internvl_fm.errors.TokenizerContractError` (a ``ValueError``) if the InternVL image tokens
+    (``<img>``, ``</img>``, ``<IMG_CONTEXT>``) are missing; ``path`` is a folder or a hub id.
     """
     import transformers
 
-    folder = Path(path)
+    folder = resolve_checkpoint(path)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointNotFoundError(f"no tokenizer in {folder}: expected one of {', '.join(TOKENIZER_FILES)}")
     config_file = folder / "tokenizer_config.json"
     tokenizer_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     tokenizer_class = tokenizer_config.get("tokenizer_class") or ""
@@ -40,7 +46,7 @@ def load_tokenizer(path: str | os.PathLike):
     missing = [t for t in (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
                if tokenizer.convert_tokens_to_ids(t) in (None, unknown)]
     if missing:
-        raise ValueError(f"tokenizer in {folder} lacks the InternVL special tokens {missing}")
+        raise TokenizerContractError(f"tokenizer in {folder} lacks the InternVL special tokens {missing}")
     return tokenizer
 
 

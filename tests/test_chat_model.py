@@ -91,6 +91,39 @@ def test_forward_loss_and_image_flags(loaded):
     torch.testing.assert_close(out3.logits, e["logits"], **_tol(m, "logits"))
 
 
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])
+@torch.no_grad()
+def test_forward_kv_cache_under_both_names(loaded, name):
+    """The cache reaches the LLM whichever name it is passed under (transformers >= 5.24 calls it `cache`): a
+    one-token step on the cache of an image prompt gives the logits of the whole prompt, no FutureWarning."""
+    import warnings
+
+    model, m, x, e = loaded("chat_qwen2_v2")
+    ids, pv = x["input_ids"], x["pixel_values"]
+    prefix = model(pv, ids[:, :-1], use_cache=True)
+    cache = prefix.cache if "cache" in type(prefix).__dataclass_fields__ else prefix.past_key_values
+    assert cache is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        step = model(None, ids[:, -1:], use_cache=True, **{name: cache})
+    assert step.logits.shape[1] == 1
+    torch.testing.assert_close(step.logits[:, -1], e["logits"][:, -1], **_tol(m, "logits"))
+    with pytest.raises(ValueError, match="once"):
+        model(None, ids[:, -1:], past_key_values=cache, cache=cache)
+
+
+def test_unknown_keyword_arguments_raise_and_return_dict_is_honoured(loaded):
+    model, m, x, e = loaded("chat_qwen2_v2")
+    with pytest.raises(TypeError, match="cache_position_typo"):
+        model(x["pixel_values"], x["input_ids"], cache_position_typo=0)
+    with torch.no_grad():  # return_dict=False is honoured, not ignored
+        as_tuple = model(x["pixel_values"], x["input_ids"], return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], e["logits"], **_tol(m, "logits"))
+    with pytest.raises(ValueError, match="max_new_tokenz"):  # transformers' generate refuses unused model kwargs
+        model.generate(pixel_values=x["pixel_values"], input_ids=x["input_ids"], max_new_tokenz=2)
+
+
 def test_real_internvl2_2b_config_on_meta(golden):
     path = REALCONFIGS / REAL_2B
     config = InternVLChatConfig.from_pretrained(path)

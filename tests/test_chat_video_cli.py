@@ -11,7 +11,7 @@ from PIL import Image
 
 from internvl_fm.chat import InternVLChatModel, video_frame_indices
 from internvl_fm.chat.cli import chat_main, serve_main
-from internvl_fm.chat.testing import tiny_chat_config, tiny_chat_model, tiny_tokenizer
+from internvl_fm.chat.testing import save_tiny_chat_checkpoint
 from internvl_fm.chat.tiling import load_image
 from internvl_fm.chat.video import load_video
 
@@ -53,11 +53,7 @@ def test_load_video_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tokenizer = tiny_tokenizer()
-    model = tiny_chat_model(tiny_chat_config(len(tokenizer)), seed=0)
-    model.tokenizer = tokenizer
-    folder = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(folder)
+    folder = save_tiny_chat_checkpoint(tmp_path_factory.mktemp("ckpt"))
     image = tmp_path_factory.mktemp("img") / "cat.png"
     Image.new("RGB", (50, 30), (120, 60, 10)).save(image)
     return folder, image
@@ -114,3 +110,15 @@ def test_serve_cli_binds_localhost_by_default(checkpoint, monkeypatch):
     assert settings.model_name == folder.name and settings.max_images == 3 and not settings.allow_http
     assert settings.allowed_root == folder.resolve()
     assert torch.is_tensor(next(iter(InternVLChatModel.from_pretrained(folder).parameters())))
+
+
+def test_boxes_out_draws_in_the_format_of_the_file_name(checkpoint, tmp_path, capsys):
+    from internvl_fm.chat.cli import _save_boxes
+
+    _, image = checkpoint
+    _save_boxes("<ref>a cat</ref><box>[[0, 0, 500, 500]]</box>", str(image), str(tmp_path / "boxes.jpg"))
+    with Image.open(tmp_path / "boxes.jpg") as drawn:
+        assert drawn.format == "JPEG" and drawn.size == (50, 30)
+    assert "drew 1 box" in capsys.readouterr().err
+    _save_boxes("no box here", str(image), str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists() and "no <box>" in capsys.readouterr().err
