@@ -20,7 +20,7 @@ import time
 import torch
 
 from internvl_fm.chat.testing import tiny_chat_config, tiny_chat_model
-from internvl_fm.chat.templates import IMG_CONTEXT_TOKEN  # noqa: F401  (documents which id is the image token)
+from internvl_fm.chat_templates import IMG_CONTEXT_TOKEN  # noqa: F401  (documents which id is the image token)
 
 
 def to_hf_state_dict(official: dict[str, torch.Tensor], vit_hidden: int) -> dict[str, torch.Tensor]:

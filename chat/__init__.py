@@ -1,15 +1,16 @@
-"""InternVL-Chat (InternVL 1.5 / 2 / 2.5, Mini-InternVL) on the shared InternViT and transformers' LLMs.
+"""The chat task: OpenAI-compatible server, CLI, grounding helpers, and the InternVL-Chat API in one place.
 
-Pure helpers (tiling, video sampling, templates, grounding) import eagerly; the model, server and CLI load lazily so
-that ``from internvl_fm.chat import render_prompt`` stays cheap.
+The model, its configuration, tokenizer, tiling, video sampling and templates live in the core (`internvl_fm.models`,
+`internvl_fm.tiling`, ...) and are re-exported here so `from internvl_fm.chat import InternVLChatModel` keeps working.
+Pure helpers import eagerly; the model and server load lazily so `from internvl_fm.chat import render_prompt` stays
+cheap.
 """
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .grounding import GroundedBox, draw_boxes, ground, parse_boxes, scale_box
-from .templates import (
+from internvl_fm.chat_templates import (
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
@@ -20,17 +21,19 @@ from .templates import (
     get_template,
     render_prompt,
 )
-from .tiling import build_transform, dynamic_preprocess, load_image, tile_grid
-from .tokenizer import load_tokenizer
-from .video import VideoClip, load_video, video_frame_indices, video_prompt_prefix
+from internvl_fm.tiling import build_transform, dynamic_preprocess, load_image, tile_grid
+from internvl_fm.tokenization_internvl_chat import load_tokenizer
+from internvl_fm.video import VideoClip, load_video, video_frame_indices, video_prompt_prefix
+
+from .grounding import GroundedBox, draw_boxes, ground, parse_boxes, scale_box
 
 if TYPE_CHECKING:
-    from .configuration import InternVLChatConfig
-    from .modeling import InternVLChatModel
+    from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
+    from internvl_fm.models.modeling_internvl_chat import InternVLChatModel
 
 _LAZY = {
-    "InternVLChatConfig": ".configuration",
-    "InternVLChatModel": ".modeling",
+    "InternVLChatConfig": "internvl_fm.models.configuration_internvl_chat",
+    "InternVLChatModel": "internvl_fm.models.modeling_internvl_chat",
     "create_app": ".server",
     "ServerSettings": ".server",
 }

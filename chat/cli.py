@@ -49,8 +49,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 def _load(args: argparse.Namespace):
-    from .modeling import InternVLChatModel
-    from .tokenizer import load_tokenizer
+    from internvl_fm.models.modeling_internvl_chat import InternVLChatModel
+    from internvl_fm.tokenization_internvl_chat import load_tokenizer
 
     model = InternVLChatModel.from_pretrained(args.model, dtype=dtype_or_none(args.dtype),
                                               device=None if args.device_map else args.device,
@@ -64,7 +64,7 @@ def _load(args: argparse.Namespace):
 def _images_to_pixels(model, paths: list[str], max_num: int | None):
     import torch
 
-    from .tiling import load_image
+    from internvl_fm.tiling import load_image
 
     if not paths:
         return None, []
@@ -75,7 +75,7 @@ def _images_to_pixels(model, paths: list[str], max_num: int | None):
 
 
 def _video_to_pixels(model, path: str, num_segments: int, max_num: int):
-    from .video import load_video
+    from internvl_fm.video import load_video
 
     clip = load_video(path, input_size=model.config.image_size, max_num=max_num, num_segments=num_segments)
     return clip.pixel_values.to(device=model.device, dtype=model.dtype), clip.num_patches_list, clip.prompt_prefix

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .templates import IMAGE_PLACEHOLDER
-from .tiling import build_transform, dynamic_preprocess
+from internvl_fm.chat_templates import IMAGE_PLACEHOLDER
+from internvl_fm.tiling import build_transform, dynamic_preprocess
 
 __all__ = ["ServerSettings", "ChatRequestError", "create_app", "serve"]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from .configuration import InternVLChatConfig
-from .templates import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
+from internvl_fm.chat_templates import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 __all__ = ["SPECIAL_TOKENS", "tiny_tokenizer", "tiny_chat_config", "tiny_chat_model", "save_tiny_chat_checkpoint"]
 
@@ -90,7 +90,7 @@ def tiny_chat_model(config: InternVLChatConfig, seed: int = 0, dtype: torch.dtyp
     ``words_only`` zeroes the LM head rows of the ids :func:`tiny_tokenizer` gives its special tokens, so greedy
     answers are words (never empty, never stopped early by the template's stop token).
     """
-    from .modeling import InternVLChatModel
+    from internvl_fm.models.modeling_internvl_chat import InternVLChatModel
 
     torch.manual_seed(seed)
     model = InternVLChatModel(config)

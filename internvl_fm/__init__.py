@@ -23,6 +23,8 @@ _EXPORTS = {
     "InternVLModel": "internvl_fm.models.internvl",
     "InternVLTextModel": "internvl_fm.models.internvl",
     "TextEncoderOutput": "internvl_fm.models.internvl",
+    "InternVLChatConfig": "internvl_fm.models.configuration_internvl_chat",
+    "InternVLChatModel": "internvl_fm.models.modeling_internvl_chat",
     "InternVLImageProcessor": "internvl_fm.processing",
     "build_transform": "internvl_fm.processing",
     "load_image": "internvl_fm.processing",
@@ -54,7 +56,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from internvl_fm.errors import (CheckpointNotFoundError, ImageLoadError, InternVLError, TokenizerContractError,
                                     WeightLoadingError)
     from internvl_fm.loading import load
+    from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
     from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+    from internvl_fm.models.modeling_internvl_chat import InternVLChatModel
     from internvl_fm.models.internvl import InternVLConfig, InternVLModel, InternVLTextModel, TextEncoderOutput
     from internvl_fm.processing import InternVLImageProcessor, build_transform, load_image
     from internvl_fm.tokenization import InternVLTokenizer, validate_tokenizer

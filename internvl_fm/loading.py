@@ -29,11 +29,11 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
-# architectures[0] in config.json -> "module:Class" (resolved lazily, so the core imports no task package).
+# architectures[0] in config.json -> "module:Class" (resolved lazily: `internvl-fm info` imports no model code).
 ARCHITECTURES: dict[str, str] = {
     "InternVisionModel": "internvl_fm.models.intern_vit:InternVisionModel",
     "InternVLModel": "internvl_fm.models.internvl:InternVLModel",
-    "InternVLChatModel": "internvl_fm.chat:InternVLChatModel",
+    "InternVLChatModel": "internvl_fm.models.modeling_internvl_chat:InternVLChatModel",
 }
 
 # What each architecture is, and the commands / classes that take it (for errors that name the right tool).

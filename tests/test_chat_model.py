@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from internvl_fm.chat import InternVLChatConfig, InternVLChatModel
-from internvl_fm.chat.llm import UnsupportedLLMError, internlm2_to_llama, llama_to_internlm2
-from internvl_fm.chat.modeling import split_device_map
+from internvl_fm.models.chat_llm import UnsupportedLLMError, internlm2_to_llama, llama_to_internlm2
+from internvl_fm.models.modeling_internvl_chat import split_device_map
 from internvl_fm.chat.testing import tiny_chat_config, tiny_chat_model
 from internvl_fm.errors import WeightLoadingError
 

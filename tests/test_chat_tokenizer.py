@@ -155,7 +155,7 @@ def test_internlm2_tokenizer_files_load_without_remote_code(golden, tmp_path):
     import json
     import shutil
 
-    from internvl_fm.chat.tokenizer import load_tokenizer
+    from internvl_fm.tokenization_internvl_chat import load_tokenizer
 
     real = json.loads((REALCONFIGS / "InternVL2-2B" / "tokenizer_config.json").read_text())
     shutil.copy(golden / "internvl_c_g" / "checkpoint" / "tokenizer.model", tmp_path / "tokenizer.model")

@@ -8,8 +8,8 @@ from internvl_fm.configuration_utils import ConfigBase, check_config_dict
 from internvl_fm.errors import ConfigError
 from internvl_fm.models.intern_vit import InternVisionConfig
 
-from .llm import build_llm_config, export_llm_config
-from .templates import get_template
+from internvl_fm.models.chat_llm import build_llm_config, export_llm_config
+from internvl_fm.chat_templates import get_template
 
 __all__ = ["InternVLChatConfig"]
 

@@ -27,9 +27,9 @@ from internvl_fm.loading import (atomic_write, check_model_kind, check_state_dic
                                  save_state_dict, warn_if_slow_dtype)
 from internvl_fm.models.intern_vit import InternVisionModel
 
-from .configuration import InternVLChatConfig
-from .llm import build_language_model, convert_llm_state_dict, export_llm_state_dict
-from .templates import (IMG_CONTEXT_TOKEN, IMAGE_PLACEHOLDER, build_chat_query, get_template,
+from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
+from internvl_fm.models.chat_llm import build_language_model, convert_llm_state_dict, export_llm_state_dict
+from internvl_fm.chat_templates import (IMG_CONTEXT_TOKEN, IMAGE_PLACEHOLDER, build_chat_query, get_template,
                         with_image_placeholder)
 
 __all__ = ["InternVLChatModel", "ChatInputs", "split_device_map"]
@@ -507,7 +507,7 @@ class InternVLChatModel(nn.Module):
             model.to(target)
         model.name_or_path = str(path)
         if load_tokenizer:
-            from .tokenizer import find_tokenizer
+            from internvl_fm.tokenization_internvl_chat import find_tokenizer
 
             model.tokenizer = find_tokenizer(folder)
         return model.eval()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .tiling import build_transform, dynamic_preprocess
+from internvl_fm.tiling import build_transform, dynamic_preprocess
 
 __all__ = ["video_frame_indices", "VideoClip", "load_video", "video_prompt_prefix"]
 

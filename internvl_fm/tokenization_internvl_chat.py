@@ -9,7 +9,7 @@ from pathlib import Path
 from internvl_fm.errors import CheckpointNotFoundError, TokenizerContractError
 from internvl_fm.loading import resolve_checkpoint
 
-from .templates import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl_fm.chat_templates import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 __all__ = ["load_tokenizer", "find_tokenizer", "TOKENIZER_FILES"]
 
