@@ -1,47 +1,48 @@
-"""The `internvl-fm` command. Each sub-command lives in its task package and is imported only when it runs."""
+"""The `internvl-fm` command.
+
+Sub-commands are registered as entry points of the group `internvl_fm.commands` (pyproject.toml): each names a
+function that takes argv (list[str]) and returns an exit code, and whose docstring's first line is its help. The
+core names no task package; a task package (or a third-party one) adds commands by declaring entry points.
+"""
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import sys
 import warnings
+from collections.abc import Callable
 
 from internvl_fm.errors import InternVLError
 
-# name -> (module, function, one-line help). The function takes argv (list[str]) and returns an exit code.
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("internvl_fm.demo", "main", "offline demo: build an index with the bundled tiny model and query it"),
-    "info": ("internvl_fm.cli", "info_main", "describe a checkpoint folder (architecture, sizes, parameter count)"),
-    "train-clip": ("internvl_fm.training.cli", "main", "contrastive fine-tuning of InternVL-C on image-text pairs"),
-    "index": ("internvl_fm.retrieval.cli", "index_main", "build / extend a search index (index build|add)"),
-    "search": ("internvl_fm.retrieval.cli", "search_main", "query a search index by text or image"),
-    "serve": ("internvl_fm.retrieval.cli", "serve_main", "serve a search index over HTTP with a web page"),
-    "classify": ("internvl_fm.classification.cli", "classify_main", "zero-shot classify images against labels"),
-    "eval": ("internvl_fm.classification.cli", "eval_main", "evaluate zero-shot classification on a dataset"),
-    "probe": ("internvl_fm.classification.cli", "probe_main", "linear probe: probe train|eval"),
-    "segment": ("internvl_fm.segmentation.cli", "segment_main", "segment an image (mask + overlay PNG)"),
-    "seg-train": ("internvl_fm.segmentation.cli", "train_main", "train a segmentation head from a config file"),
-    "seg-eval": ("internvl_fm.segmentation.cli", "eval_main", "evaluate a segmentation checkpoint (mIoU)"),
-    "chat": ("internvl_fm.chat.cli", "chat_main", "chat with an InternVL-Chat model (one-shot or interactive)"),
-    "serve-chat": ("internvl_fm.chat.cli", "serve_main", "OpenAI-compatible chat server"),
-}
+COMMAND_GROUP = "internvl_fm.commands"
+
+
+def commands() -> dict[str, importlib.metadata.EntryPoint]:
+    """The registered sub-commands, by name (sorted)."""
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=COMMAND_GROUP)}
+    return dict(sorted(found.items()))
+
+
+def _summary(func: Callable) -> str:
+    return ((func.__doc__ or "").strip().splitlines() or [""])[0]
 
 
 def _usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: internvl-fm COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    registered = commands()
+    width = max(map(len, registered), default=0)
+    lines = ["usage: internvl-fm [--version] COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {_summary(ep.load())}" for name, ep in registered.items()]
     lines += ["", "Run `internvl-fm COMMAND --help` for the options of one command."]
     return "\n".join(lines)
 
 
 def info_main(argv: list[str]) -> int:
-    """Print what a checkpoint folder holds."""
-    import argparse
+    """Describe a checkpoint folder or hub id (architecture, model type, parameter count)."""
     import json
 
+    from internvl_fm.cli_utils import new_parser
     from internvl_fm.loading import count_checkpoint_parameters, read_config
 
-    parser = argparse.ArgumentParser(prog="internvl-fm info", description=info_main.__doc__)
+    parser = new_parser("internvl-fm info", info_main.__doc__)
     parser.add_argument("path", help="checkpoint folder or hub id")
     args = parser.parse_args(argv)
     cfg = read_config(args.path)
@@ -66,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internvl-fm {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
+    registered = commands()
+    if name not in registered:
         print(f"internvl-fm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module, func, _ = COMMANDS[name]
     warnings.formatwarning = _one_line_warning
     try:
-        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+        return int(registered[name].load()(rest) or 0)
     except InternVLError as err:
         print(f"internvl-fm {name}: error: {err}", file=sys.stderr)
         return 2

@@ -196,7 +196,7 @@ img {{ width: 112px; height: 112px; image-rendering: pixelated; display: block; 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `internvl-fm demo`."""
+    """Offline demo: build an image index with the bundled tiny InternVL-C and query it in five languages."""
     parser = argparse.ArgumentParser(prog="internvl-fm demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="InternVL-C checkpoint folder (default: bundled)")
     parser.add_argument("--num-images", type=int, default=300, help="gallery size")

@@ -3,13 +3,15 @@ import json
 import subprocess
 import sys
 
-from internvl_fm.cli import COMMANDS, main
+from internvl_fm.cli import commands, main
 
 
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in COMMANDS:
+    registered = commands()
+    assert {"demo", "info", "index", "search", "classify", "chat", "serve-chat", "seg-train"} <= set(registered)
+    for name in registered:
         assert name in out
 
 
@@ -23,3 +25,9 @@ def test_info_reports_architecture_and_parameters(tiny_clip_path):
                          text=True, check=True).stdout
     info = json.loads(out)
     assert info["architectures"] == ["InternVLModel"] and info["parameters"] > 100_000
+
+
+def test_every_command_has_a_one_line_summary_and_help(capsys):
+    for name, entry_point in commands().items():
+        func = entry_point.load()
+        assert callable(func) and (func.__doc__ or "").strip(), f"{name} has no docstring (its help line)"

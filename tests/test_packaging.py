@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from internvl_fm.cli import COMMANDS
+from internvl_fm.cli import commands
 
 
 def _closure(dist_name: str) -> set[str]:
@@ -84,6 +84,6 @@ def test_demo_runs_with_base_dependencies_only(tmp_path):
 
 def test_every_command_module_imports_with_the_base_install(tmp_path):
     """Sub-command modules import only base dependencies at module level (optional extras are imported lazily)."""
-    modules = sorted({module for module, _, _ in COMMANDS.values()})
+    modules = sorted({ep.module for ep in commands().values()})
     result = _run_base_only(tmp_path, f"import importlib\nfor m in {modules!r}:\n    importlib.import_module(m)\n")
     assert result.returncode == 0, result.stderr[-3000:]
