@@ -1,4 +1,8 @@
-"""`internvl-fm index`, `internvl-fm search` and `internvl-fm serve`."""
+"""`internvl-fm index`, `internvl-fm search` and `internvl-fm serve`.
+
+Every option is checked when it is parsed (a bad value ends the command in one line before any model is loaded);
+errors of the retrieval package (`InternVLError`) reach the `internvl-fm` entry point, which prints them as one line.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,37 +11,65 @@ import html
 import io
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from internvl_fm.errors import InternVLError
+from internvl_fm.cli_utils import CLIError, HelpFormatter, add_model_options, dtype_or_none, new_parser, resolve_device
 
 from .embed import MODES, EmbedConfig, EmbedReport
+from .index import check_factory, parse_memory
 from .search import Hit, ImageIndex, IndexOptions
 
 
-def _fail(prog: str, exc: Exception) -> int:
-    """Typed errors (missing index, unreadable query image, ...) end the command with a message, not a trace."""
-    print(f"{prog}: error: {exc}", file=sys.stderr)
-    return 2
+# ------------------------------------------------------------------------------------------ option value checks
+def _bounded(flag: str, kind: type = int, low: float = 1, high: float = float("inf")) -> Callable[[str], float]:
+    """argparse `type=`: a number in [low, high], else a one-line error (CLIError) at parse time."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
+            raise CLIError(f"{flag} {text!r}: expected {'an integer' if kind is int else 'a number'} {bounds}")
+        return value
+    return parse
 
 
-def _add_embed_options(parser: argparse.ArgumentParser) -> None:
+def _checked(flag: str, check: Callable[[str], object]) -> Callable[[str], str]:
+    """argparse `type=`: `check(text)` must accept the value; its error becomes a one-line CLIError."""
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as exc:  # the retrieval errors are ValueErrors
+            raise CLIError(f"{flag}: {exc}") from None
+        return text
+    return parse
+
+
+def _add_embed_options(parser: argparse.ArgumentParser, build: bool) -> None:
+    """Options of the embedding job; `build` adds those fixed for the life of an index (saved in index.json)."""
     group = parser.add_argument_group("embedding")
-    group.add_argument("--batch-size", type=int, default=64)
-    group.add_argument("--num-workers", type=int, default=2, help="DataLoader processes decoding images")
-    group.add_argument("--shard-size", type=int, default=50_000, help="records per output shard")
-    group.add_argument("--no-captions", action="store_true", help="do not embed captions")
-    group.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32")
+    group.add_argument("--batch-size", type=_bounded("--batch-size"), default=64, help="images per model call")
+    group.add_argument("--num-workers", type=_bounded("--num-workers", low=0), default=2,
+                       help="DataLoader processes decoding images")
+    group.add_argument("--shard-size", type=_bounded("--shard-size"), default=50_000, help="records per output shard")
+    if build:
+        group.add_argument("--no-captions", action="store_true", help="do not embed captions")
+        group.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
+                           help="dtype of the stored vectors (float16: half the disk)")
     group.add_argument("--distributed", action="store_true", help="embed with Ray Data (the [distributed] extra)")
-    group.add_argument("--ray-workers", type=int, default=2, help="model replicas (Ray actors) with --distributed")
-    group.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
+    group.add_argument("--ray-workers", type=_bounded("--ray-workers"), default=2,
+                       help="model replicas (Ray actors) with --distributed")
+    group.add_argument("--ray-address", default=None, help="Ray cluster address; None: start a local one")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _embed_config(args: argparse.Namespace, mode: str) -> EmbedConfig:
-    return EmbedConfig(mode=mode, batch_size=args.batch_size, num_workers=args.num_workers,
-                       shard_size=args.shard_size, captions=not args.no_captions,
-                       storage_dtype=args.storage_dtype, progress=not args.quiet)
+def _embed_config(args: argparse.Namespace, **saved) -> EmbedConfig:
+    """The run-time options from the command line; `saved` (captions, storage dtype) from the index or the build
+    options."""
+    return EmbedConfig(batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
+                       progress=not args.quiet, **saved)
 
 
 def _print_report(report: EmbedReport) -> None:
@@ -56,99 +88,114 @@ def _describe(index: ImageIndex) -> str:
     return "\n".join(lines)
 
 
-def index_main(argv: list[str]) -> int:
-    """Build or extend a search index."""
-    parser = argparse.ArgumentParser(prog="internvl-fm index", description=index_main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _subcommand(sub, name: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=description, description=description, formatter_class=HelpFormatter)
 
-    build = sub.add_parser("build", help="embed a source and build the index (resumes an interrupted build)")
+
+def index_main(argv: list[str]) -> int:
+    """Build, extend, describe or edit a search index (an embedding store + FAISS indexes in one folder)."""
+    parser = new_parser("internvl-fm index", index_main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,add,info,delete}")
+
+    build = _subcommand(sub, "build", "embed a source and build the index; re-running the same command resumes "
+                                      "an interrupted build")
     build.add_argument("source", help="image folder, list file (.txt/.csv/.tsv), parquet / webdataset shards "
                                       "(file, folder or glob), a datasets folder or hf://name[:split]")
-    build.add_argument("out", help="output folder")
-    build.add_argument("--model", required=True, help="InternVL-C/G checkpoint folder or hub id")
-    build.add_argument("--mode", choices=MODES, default="InternVL-C")
-    build.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype")
-    build.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    idx = build.add_argument_group("index")
-    idx.add_argument("--max-index-memory", default="4GB", help="RAM budget of the index (e.g. 4GB, 512MB)")
-    idx.add_argument("--factory", default=None, help="force a FAISS factory string (default: chosen)")
-    idx.add_argument("--latency-target-ms", type=float, default=10.0)
-    idx.add_argument("--min-recall", type=float, default=0.95)
-    _add_embed_options(build)
+    build.add_argument("output", help="index folder to create (new or empty), or to resume")
+    add_model_options(build, model="InternVL-C/G checkpoint folder or hub id")
+    build.add_argument("--mode", choices=MODES, default="InternVL-C", help="which embedding head to use")
+    idx = build.add_argument_group("index (saved in index.json; `index add` reuses them)")
+    idx.add_argument("--max-index-memory", type=_checked("--max-index-memory", parse_memory), default="4GB",
+                     help="RAM budget of the index (e.g. 4GB, 512MB)")
+    idx.add_argument("--factory", type=_checked("--factory", check_factory), default=None,
+                     help="force a FAISS factory string; None: chosen from the vector count and the budget")
+    idx.add_argument("--latency-target-ms", type=_bounded("--latency-target-ms", float, 0), default=10.0,
+                     help="per-query latency the search knob is tuned for")
+    idx.add_argument("--min-recall", type=_bounded("--min-recall", float, 0, 1), default=0.95,
+                     help="recall@10 (vs exact search) the search knob must reach")
+    _add_embed_options(build, build=True)
 
-    add = sub.add_parser("add", help="embed another source into an existing index")
-    add.add_argument("out", help="index folder")
-    add.add_argument("source")
-    _add_embed_options(add)
+    add = _subcommand(sub, "add", "embed another source into an existing index (same model, captions and storage "
+                                  "dtype as the build; new ids continue after the last one)")
+    add.add_argument("index", help="index folder")
+    add.add_argument("source", help="images to add (any source `index build` takes)")
+    _add_embed_options(add, build=False)
 
-    info = sub.add_parser("info", help="describe an index (factory, recall, latency)")
-    info.add_argument("out")
+    info = _subcommand(sub, "info", "describe an index: rows, model, factory, tuned knob, recall@k, latency")
+    info.add_argument("index", help="index folder")
 
-    delete = sub.add_parser("delete", help="remove rows by id")
-    delete.add_argument("out")
-    delete.add_argument("ids", nargs="+", type=int)
+    delete = _subcommand(sub, "delete", "remove rows by id from the index (their metadata rows stay, marked "
+                                        "deleted)")
+    delete.add_argument("index", help="index folder")
+    delete.add_argument("ids", nargs="+", type=_bounded("ids", low=0), help="row ids (as printed by search / info)")
 
     args = parser.parse_args(argv)
+    if args.command == "build":  # checked here too, before anything is loaded
+        args.options = IndexOptions(max_index_memory=args.max_index_memory, factory=args.factory,
+                                    latency_target_ms=args.latency_target_ms, min_recall=args.min_recall)
     try:
         _run_index_command(args)
-    except (InternVLError, FileNotFoundError) as exc:
-        return _fail(parser.prog, exc)
+    except KeyboardInterrupt:
+        if args.command not in ("build", "add"):
+            raise
+        print("internvl-fm index: interrupted; the embedded shards are kept: run the same command again to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 
 def _run_index_command(args: argparse.Namespace) -> None:
     if args.command == "build":
-        config = _embed_config(args, args.mode)
-        options = IndexOptions(max_index_memory=args.max_index_memory, factory=args.factory,
-                               latency_target_ms=args.latency_target_ms, min_recall=args.min_recall)
+        config = _embed_config(args, captions=not args.no_captions, storage_dtype=args.storage_dtype)
+        dtype = dtype_or_none(args.dtype)
         if args.distributed:
             from .distributed import build_distributed
 
-            index = build_distributed(args.source, args.out, args.model, mode=args.mode, embed=config,
-                                      options=options, num_workers=args.ray_workers, address=args.ray_address,
-                                      dtype=args.dtype)
+            index = build_distributed(args.source, args.output, args.model, mode=args.mode, embed=config,
+                                      options=args.options, num_workers=args.ray_workers, address=args.ray_address,
+                                      dtype=dtype)
         else:
-            index = ImageIndex.build(args.source, args.out, args.model, mode=args.mode, embed=config,
-                                     options=options, dtype=args.dtype, device=args.device)
+            index = ImageIndex.build(args.source, args.output, args.model, mode=args.mode, embed=config,
+                                     options=args.options, dtype=dtype, device=resolve_device(args.device))
         _print_report(index.last_report)
         print(_describe(index))
     elif args.command == "add":
-        index = ImageIndex.load(args.out, mmap=False)
+        index = ImageIndex.load(args.index, mmap=False)
+        config = _embed_config(args, **index.config.get("embed", {}))
         if args.distributed:
             from .distributed import add_distributed
 
-            report = add_distributed(index, args.source, embed=_embed_config(args, index.spec.mode),
-                                     num_workers=args.ray_workers, address=args.ray_address)
+            report = add_distributed(index, args.source, embed=config, num_workers=args.ray_workers,
+                                     address=args.ray_address)
         else:
-            report = index.add(args.source, _embed_config(args, index.spec.mode))
+            report = index.add(args.source, config)
         _print_report(report)
         print(_describe(index))
     elif args.command == "info":
-        print(_describe(ImageIndex.load(args.out)))
+        print(_describe(ImageIndex.load(args.index)))
     else:
-        index = ImageIndex.load(args.out, mmap=False)
+        index = ImageIndex.load(args.index, mmap=False)
         print(f"deleted {index.delete(args.ids)} row(s)")
 
 
 def search_main(argv: list[str]) -> int:
     """Query a search index by text or image; prints `path<TAB>score`, best first, one hit per line."""
-    parser = argparse.ArgumentParser(prog="internvl-fm search", description=search_main.__doc__)
-    parser.add_argument("out", help="index folder")
-    parser.add_argument("query", nargs="?", default=None, help="text query (any language)")
+    parser = new_parser("internvl-fm search", search_main.__doc__)
+    parser.add_argument("index", help="index folder")
+    parser.add_argument("query", nargs="?", default=None, help="text query (any language); before or after options")
     parser.add_argument("--image", default=None, help="search with an image instead of text")
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--top-k", "--k", dest="top_k", metavar="K", type=_bounded("--top-k"), default=10,
+                        help="hits to print")
     parser.add_argument("--captions", action="store_true", help="search the caption index (image -> text)")
-    parser.add_argument("--html", default=None, help="also write a gallery page of the hits")
-    args = parser.parse_args(argv)
+    parser.add_argument("--html", default=None, help="also write a gallery page of the hits to this file")
+    add_model_options(parser)
+    args = parser.parse_intermixed_args(argv)
     if (args.query is None) == (args.image is None):
         parser.error("give a text query or --image PATH (one of them)")
-    try:
-        index = ImageIndex.load(args.out)
-        kind = "text" if args.captions else "image"
-        vector = index.embed_text(args.query)[0] if args.query is not None else index.embed_image(args.image)[0]
-        hits = index.search_embedding(vector, args.k, kind=kind)
-    except (InternVLError, ValueError) as exc:
-        return _fail(parser.prog, exc)
+    index = ImageIndex.load(args.index, device=resolve_device(args.device), dtype=dtype_or_none(args.dtype))
+    kind = "text" if args.captions else "image"
+    vector = index.embed_text(args.query)[0] if args.query is not None else index.embed_image(args.image)[0]
+    hits = index.search_embedding(vector, args.top_k, kind=kind)
     for hit in hits:
         name = hit.caption if args.captions else (hit.image_path or hit.key)
         print(f"{name}\t{hit.score:.4f}")
@@ -202,21 +249,21 @@ def serve_main(argv: list[str]) -> int:
     """Serve a search index over HTTP (FastAPI) with a small web page."""
     from .server import DEFAULT_MAX_UPLOAD, ServerConfig, serve
 
-    parser = argparse.ArgumentParser(prog="internvl-fm serve", description=serve_main.__doc__)
-    parser.add_argument("out", help="index folder")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-k", type=int, default=100)
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD / 2**20)
-    parser.add_argument("--api-key", default=os.environ.get("INTERNVL_FM_API_KEY"),
-                        help="require this key (header X-API-Key or ?api_key=); default $INTERNVL_FM_API_KEY")
+    parser = new_parser("internvl-fm serve", serve_main.__doc__)
+    parser.add_argument("index", help="index folder")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=_bounded("--port", low=0, high=65535), default=8000, help="TCP port")
+    parser.add_argument("--max-k", type=_bounded("--max-k"), default=100, help="largest k a request may ask for")
+    parser.add_argument("--max-upload-mb", type=_bounded("--max-upload-mb", float, 0.001),
+                        default=DEFAULT_MAX_UPLOAD / 2**20, help="largest request body")
+    parser.add_argument("--api-key", default=None, help="require this key (header X-API-Key or ?api_key=); "
+                                                        "None: $INTERNVL_FM_API_KEY when set, else no key")
+    add_model_options(parser)
     args = parser.parse_args(argv)
-    try:
-        index = ImageIndex.load(args.out)
-        index.model  # load the model before accepting requests  # noqa: B018
-    except InternVLError as exc:
-        return _fail(parser.prog, exc)
-    config = ServerConfig(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20), api_key=args.api_key)
-    print(f"serving {args.out} ({len(index)} images) on http://{args.host}:{args.port}", file=sys.stderr)
+    index = ImageIndex.load(args.index, device=resolve_device(args.device), dtype=dtype_or_none(args.dtype))
+    index.model  # load the model before accepting requests  # noqa: B018
+    config = ServerConfig(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                          api_key=args.api_key or os.environ.get("INTERNVL_FM_API_KEY"))
+    print(f"serving {args.index} ({len(index)} images) on http://{args.host}:{args.port}", file=sys.stderr)
     serve(index, args.host, args.port, config)
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .embed import EmbedConfig, Embedder, EmbedReport, ModelSpec, ShardWriter, prepare_batch
+from .embed import EmbedConfig, Embedder, EmbedReport, ModelSpec, ShardWriter, model_reference, prepare_batch
 from .search import ImageIndex, IndexOptions
 from .sources import Record, open_source
 from .store import Failure
@@ -148,11 +148,12 @@ def _runner(model_factory: Callable[[], Embedder], num_workers: int, address: st
 
 def build_distributed(source: Any, out: str | os.PathLike, model: str | os.PathLike, *, mode: str = "InternVL-C",
                       embed: EmbedConfig | None = None, options: IndexOptions | None = None, num_workers: int = 2,
-                      address: str | None = None, dtype: str = "float32",
+                      address: str | None = None, dtype: str | None = None,
                       model_factory: Callable[[], Embedder] | None = None) -> ImageIndex:
     """`ImageIndex.build` with the embedding step on Ray (`model_factory` defaults to loading `model`)."""
-    factory = model_factory or functools.partial(ModelSpec.load, ModelSpec(str(model), mode, dtype=dtype))
-    return ImageIndex.build(source, out, str(model), mode=mode, embed=embed, options=options, dtype=dtype,
+    model = model_reference(model)  # Ray workers may run in another folder
+    factory = model_factory or functools.partial(ModelSpec.load, ModelSpec(model, mode, dtype=dtype))
+    return ImageIndex.build(source, out, model, mode=mode, embed=embed, options=options, dtype=dtype,
                             runner=_runner(factory, num_workers, address))
 
 

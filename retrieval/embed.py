@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,14 +34,21 @@ class Embedder(Protocol):
     def embed_texts(self, texts: Any, mode: str = ..., batch_size: int = ...) -> torch.Tensor: ...
 
 
+def model_reference(model: str | os.PathLike) -> str:
+    """How an index names its model: an existing local path made absolute (so that search works from any folder),
+    anything else (a hub id) as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
 @dataclass
 class ModelSpec:
     """The model an index was built with; saved with the index so that search needs no `--model`."""
 
-    path: str  # checkpoint folder or hub id
+    path: str  # checkpoint folder (absolute) or hub id
     mode: str = "InternVL-C"
     image_size: int | None = None
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the checkpoint's own dtype (recorded once loaded)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -53,14 +61,17 @@ class ModelSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def load(self, device: str | torch.device | None = None):
-        """Load the InternVL-C/G model (`InternVLModel.from_pretrained`) in eval mode."""
+    def load(self, device: str | torch.device | None = None, dtype: str | None = None):
+        """Load the InternVL-C/G model (`InternVLModel.from_pretrained`) in eval mode; `dtype` overrides the
+        spec's, `device` defaults to cuda when available, else cpu."""
+        from internvl_fm.cli_utils import resolve_device
         from internvl_fm.models.internvl import InternVLModel
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = InternVLModel.from_pretrained(self.path, dtype=self.dtype, device=device)
+        model = InternVLModel.from_pretrained(self.path, dtype=dtype or self.dtype, device=resolve_device(device))
         if self.image_size is None:
             self.image_size = int(model.image_size)
+        if self.dtype is None:
+            self.dtype = str(model.dtype).removeprefix("torch.")
         return model.eval()
 
 
@@ -73,7 +84,7 @@ class EmbedConfig:
     num_workers: int = 2  # DataLoader processes decoding images; 0 decodes in the main process
     shard_size: int = 50_000  # source records per output shard (rounded up to whole batches)
     captions: bool = True  # embed captions into text_emb/ when the source has them
-    storage_dtype: str = "float32"  # or "float16" (half the disk; vectors are read back as float32)
+    storage_dtype: str | None = None  # "float32" / "float16" (half the disk); None: the store's, else float32
     progress: bool = True
 
 
@@ -182,9 +193,9 @@ class ShardWriter:
     """Accumulates embedded batches and commits a shard every `shard_size` source records."""
 
     def __init__(self, store: EmbeddingStore, source_id: str, start: int, shard_size: int,
-                 storage_dtype: str = "float32"):
+                 storage_dtype: str | None = None):
         self.store, self.source_id, self.shard_size = store, source_id, shard_size
-        self.storage_dtype = np.dtype(storage_dtype)
+        self.storage_dtype = np.dtype(store.check_storage_dtype(storage_dtype))
         self.shard_index = store.next_shard_index()
         self.next_id = store.num_rows
         self.shards_written = 0

@@ -45,6 +45,17 @@ def parse_memory(value: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper().replace("IB", "B")])
 
 
+FACTORY_FORMS = "Flat, HNSW{M}[,Flat], IVF{L},Flat, [OPQ{m}[_{d}],]IVF{L},PQ{m}[x{bits}]"
+_FACTORY = re.compile(r"Flat|HNSW\d+(,Flat)?|IVF\d+,Flat|(OPQ\d+(_\d+)?,)?IVF\d+,PQ\d+(x\d+)?")
+
+
+def check_factory(factory: str | None) -> str | None:
+    """A forced FAISS factory string, if it is one of the forms the builder knows how to train and tune."""
+    if factory is not None and not _FACTORY.fullmatch(factory):
+        raise IndexStateError(f"unsupported index factory {factory!r}; use one of: {FACTORY_FORMS}")
+    return factory
+
+
 @dataclass
 class IndexChoice:
     """The chosen index: factory string, family, estimated memory and the parameter to tune."""
@@ -299,6 +310,9 @@ def build_index(shards: VectorShards, n: int, dim: int, max_memory: str | int = 
         nlist = int(re.search(r"IVF(\d+)", factory).group(1)) if "IVF" in factory else 0
         choice = IndexChoice(factory, family, choice.memory_bytes, nlist,
                              train_size=min(n, 64 * nlist) if nlist else 0)
+        if n < nlist:
+            raise IndexStateError(f"factory {factory} needs at least {nlist} vectors to train its lists; "
+                                  f"there are {n}")
     index = new_index(choice, dim, opq_iterations)
     query_positions, queries = sample_vectors(shards, n, min(num_queries, n), seed=seed + 1)
     train_seconds = 0.0

@@ -13,7 +13,7 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,12 @@ import numpy as np
 
 from internvl_fm.loading import atomic_write
 
-from .embed import EmbedConfig, Embedder, EmbedReport, ModelSpec, run_embedding
-from .errors import IndexNotFoundError, IndexStateError
-from .index import BuildResult, IndexChoice, build_index, evaluate, normalize, sample_vectors, search_parameters
+from .embed import EmbedConfig, Embedder, EmbedReport, ModelSpec, model_reference, run_embedding
+from .errors import IndexNotFoundError, IndexStateError, SourceError
+from .index import (BuildResult, IndexChoice, build_index, check_factory, evaluate, normalize, parse_memory,
+                    sample_vectors, search_parameters)
 from .sources import Source, open_source
-from .store import EmbeddingStore
+from .store import SHARD_DIR, EmbeddingStore
 
 INDEX_FILE = "index.json"
 KINDS = ("image", "text")
@@ -59,6 +60,20 @@ class IndexOptions:
     flat_max: int = 50_000
     hnsw_max: int = 200_000
     opq_iterations: int = 20
+
+    def __post_init__(self):
+        try:
+            parse_memory(self.max_index_memory)
+        except ValueError as exc:
+            raise IndexStateError(str(exc)) from None
+        check_factory(self.factory)
+        if not 0.0 <= self.min_recall <= 1.0 or not self.latency_target_ms >= 0 or self.k < 1:
+            raise IndexStateError(f"need 0 <= min_recall <= 1, latency_target_ms >= 0 and k >= 1: got "
+                                  f"{self.min_recall}, {self.latency_target_ms}, {self.k}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> IndexOptions:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 class _FaissIndex:
@@ -104,7 +119,7 @@ class ImageIndex:
     """
 
     def __init__(self, root: str | os.PathLike, model: Embedder | None = None, mmap: bool = True,
-                 device: str | None = None):
+                 device: str | None = None, dtype: str | None = None):
         self.root = Path(root)
         config_file = self.root / INDEX_FILE
         if not config_file.is_file():
@@ -115,7 +130,7 @@ class ImageIndex:
         self.store = EmbeddingStore(self.root)
         self._model = model
         self.last_report: EmbedReport | None = None  # of the last build / add in this process
-        self._device = device
+        self._device, self._dtype = device, dtype  # how to load the model (dtype None: the spec's)
         self._lock = threading.Lock()
         self._mmap = mmap
         self.indexes: dict[str, _FaissIndex] = {}
@@ -136,31 +151,38 @@ class ImageIndex:
     @classmethod
     def build(cls, source: Any, out: str | os.PathLike, model: Embedder | str | os.PathLike, *,
               mode: str = "InternVL-C", embed: EmbedConfig | None = None, options: IndexOptions | None = None,
-              model_path: str | None = None, dtype: str = "float32", device: str | None = None,
+              model_path: str | None = None, dtype: str | None = None, device: str | None = None,
               runner: Runner | None = None) -> ImageIndex:
         """Embed `source` into `out` (resuming a previous run) and build the image / caption indexes.
 
         `model` is an InternVL-C/G checkpoint path / hub id, or an already loaded model (then `model_path`, or
-        its `name_or_path`, is what the index remembers for later loading). `dtype` ("bfloat16") and `device`
-        apply when the model is loaded here. `runner(source, out, config)` replaces the local embedding job
-        (`distributed.build_distributed` passes the Ray job); the model is then not loaded here.
+        its `name_or_path`, is what the index remembers for later loading). `dtype` (None: the checkpoint's) and
+        `device` apply when the model is loaded here. `runner(source, out, config)` replaces the local embedding
+        job (`distributed.build_distributed` passes the Ray job); the model is then not loaded here.
+        The source and output folder are checked before the model is loaded; the options, the embedding
+        settings and the model spec are saved in `index.json`, so `add` and search reuse them.
         """
-        spec, model = _resolve_model(model, mode, model_path, dtype, device, load=runner is None)
         out = Path(out)
+        _check_build_folders(source, out)
+        src = _open_nonempty(source)
+        options = options or IndexOptions()
+        spec, model = _resolve_model(model, mode, model_path, dtype, device, load=runner is None)
         out.mkdir(parents=True, exist_ok=True)
-        embed = embed or EmbedConfig(mode=mode)
-        embed.mode = mode
-        src = open_source(source)
+        store = EmbeddingStore(out)
+        embed = replace(embed or EmbedConfig(), mode=mode)
+        embed.storage_dtype = store.check_storage_dtype(embed.storage_dtype)
         config_file = out / INDEX_FILE
         config = json.loads(config_file.read_text()) if config_file.is_file() else {
             "model": spec.to_dict(), "image_roots": [], "sources": [], "deleted": []}
         _check_same_model(config, spec, out)
-        config["model"] = spec.to_dict()
+        config.update(model=spec.to_dict(), options=asdict(options),
+                      embed={"captions": embed.captions, "storage_dtype": embed.storage_dtype})
         _remember_source(config, src)
         _write_json(config_file, config)  # before embedding: a resumed build knows its model and roots
         report = runner(src, out, embed) if runner else run_embedding(src, out, model, embed)
-        options = options or IndexOptions()
-        store = EmbeddingStore(out)
+        if store.num_rows == 0:
+            first = f" (e.g. {report.failures[0].source}: {report.failures[0].reason})" if report.failures else ""
+            raise SourceError(f"no image of {source} could be read{first}: nothing to index")
         for kind in KINDS:
             built = _build_kind(store, kind, options, config.get("deleted", []))
             if built is not None:
@@ -168,28 +190,32 @@ class ImageIndex:
                 _FaissIndex(built.index, info).write(out / f"{kind}.index")
         config["last_report"] = _report_dict(report)
         _write_json(config_file, config)
-        index = cls(out, model=model)
+        index = cls(out, model=model, device=device)
         index.last_report = report
         return index
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Embedder | None = None, mmap: bool = True,
-             device: str | None = None) -> ImageIndex:
-        """Open a built index (memory-mapped by default); the model is loaded from the saved spec on first use."""
-        return cls(path, model=model, mmap=mmap, device=device)
+             device: str | None = None, dtype: str | None = None) -> ImageIndex:
+        """Open a built index (memory-mapped by default); the model is loaded from the saved spec on first use
+        (on `device`, in `dtype` when given, else in the dtype the index was built with)."""
+        return cls(path, model=model, mmap=mmap, device=device, dtype=dtype)
 
     def add(self, source: Any, embed: EmbedConfig | None = None, runner: Runner | None = None) -> EmbedReport:
-        """Embed `source` into the store and add the new rows to the indexes (incremental; ids continue)."""
-        embed = embed or EmbedConfig(mode=self.spec.mode)
-        embed.mode = self.spec.mode
-        src = open_source(source)
+        """Embed `source` into the store and add the new rows to the indexes (incremental; ids continue).
+
+        `embed` defaults to the settings the index was built with (captions, storage dtype); a new caption
+        index is built with the saved index options.
+        """
+        embed = replace(embed or EmbedConfig(**self.config.get("embed", {})), mode=self.spec.mode)
+        src = _open_nonempty(source)
         _remember_source(self.config, src)
         self._save_config()
         report = runner(src, self.root, embed) if runner else run_embedding(src, self.root, self.model, embed)
         self._writable()
         for kind in KINDS:
             if kind not in self.indexes:
-                built = _build_kind(self.store, kind, IndexOptions(), self.deleted.tolist())
+                built = _build_kind(self.store, kind, self.options, self.deleted.tolist())
                 if built is not None:
                     self.indexes[kind] = _FaissIndex(built.index, {**built.info(), "model": self.spec.to_dict(),
                                                                    "kind": kind, "indexed_rows": self.store.num_rows})
@@ -262,7 +288,7 @@ class ImageIndex:
         if self._model is None:
             with self._lock:
                 if self._model is None:
-                    self._model = self.spec.load(self._device)
+                    self._model = self.spec.load(self._device, self._dtype)
         return self._model
 
     def embed_text(self, texts: str | list[str]) -> np.ndarray:
@@ -290,6 +316,11 @@ class ImageIndex:
 
     def _hnsw_tombstones(self, kind: str) -> int:
         return len(self.deleted) if kind in self.indexes and self.indexes[kind].family == "hnsw" else 0
+
+    @property
+    def options(self) -> IndexOptions:
+        """The index options saved at build time (defaults for indexes built before they were saved)."""
+        return IndexOptions.from_dict(self.config.get("options", {}))
 
     @property
     def image_roots(self) -> list[str]:
@@ -342,10 +373,32 @@ class ImageIndex:
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-def _resolve_model(model: Any, mode: str, model_path: str | None, dtype: str = "float32",
+def _check_build_folders(source: Any, out: Path) -> None:
+    """Refuse an index folder as the source, and an output folder that is neither new, empty, an index nor an
+    embedding store (e.g. the photos, when SOURCE and OUTPUT were swapped): nothing may be written into it."""
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / INDEX_FILE).is_file():
+        raise IndexStateError(f"the source {source} is a search index, not images (did you swap SOURCE and "
+                              f"OUTPUT?); to add images to it: `internvl-fm index add {source} SOURCE`")
+    if out.exists() and not out.is_dir():
+        raise IndexStateError(f"the output {out} is a file; give a folder")
+    known = (out / INDEX_FILE).is_file() or (out / SHARD_DIR).is_dir()
+    if out.is_dir() and not known and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise IndexStateError(f"the output folder {out} is not empty and holds no search index (did you swap SOURCE "
+                              "and OUTPUT?); give a new or empty folder")
+
+
+def _open_nonempty(source: Any) -> Source:
+    """`open_source`, refusing a source without a single record (an empty folder would give a 0-row index)."""
+    src = open_source(source)
+    if next(iter(src), None) is None:
+        raise SourceError(f"the source {source} holds no images: nothing to index")
+    return src
+
+
+def _resolve_model(model: Any, mode: str, model_path: str | None, dtype: str | None = None,
                    device: str | None = None, load: bool = True) -> tuple[ModelSpec, Embedder | None]:
     if isinstance(model, (str, os.PathLike)):
-        spec = ModelSpec(str(model), mode, dtype=dtype)
+        spec = ModelSpec(model_reference(model), mode, dtype=dtype)
         if not load:
             from internvl_fm.models.internvl import InternVLConfig
 
@@ -357,7 +410,7 @@ def _resolve_model(model: Any, mode: str, model_path: str | None, dtype: str = "
         raise IndexStateError("a model object was given without `model_path` (and it has no `name_or_path`): "
                               "the index must remember how to load its model")
     dtype = getattr(model, "dtype", None)
-    spec = ModelSpec(str(path), mode, getattr(model, "image_size", None),
+    spec = ModelSpec(model_reference(path), mode, getattr(model, "image_size", None),
                      str(dtype).removeprefix("torch.") if dtype is not None else "float32")
     return spec, model
 

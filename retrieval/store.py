@@ -3,10 +3,18 @@
 Layout of an output folder::
 
     img_emb/img_emb_{N}.npy          [rows, D] image embeddings (L2-normalised)
-    text_emb/text_emb_{N}.npy        [rows, D] caption embeddings (only for shards with captions; zero rows where
-                                     a record has no caption)
+    text_emb/text_emb_{N}.npy        [rows, D] caption embeddings, row-aligned with img_emb_{N}; a zero row where
+                                     the image has no caption (its metadata `caption` is null)
     metadata/metadata_{N}.parquet    id, key, image_path, caption, source, position (one row per embedding)
     shards/shard_{N}.json            the commit record of shard N, written last
+
+The three data folders hold the same shard numbers with the same row counts, so readers that pair files by their
+sorted names (embedding-reader, autofaiss, clip-retrieval) pair every vector with its own metadata row:
+
+* `text_emb/` is absent while no record of the store has had a caption; once one has, every shard has a
+  text_emb file (earlier shards get all-zero ones, later uncaptioned shards too).
+* A shard whose records all failed to decode has only its commit record (an empty `.npy` would be skipped by
+  embedding-reader while the parquet beside it would not).
 
 Every file is written to a temporary name and renamed into place; a shard exists only once its commit record
 exists. A job killed at any point therefore leaves committed shards (kept) and uncommitted leftovers (deleted and
@@ -93,6 +101,21 @@ class EmbeddingStore:
         shards = self.shards()
         return shards[0].dim if shards else None
 
+    @property
+    def storage_dtype(self) -> str | None:
+        """The dtype the vectors are stored in (None while the store is empty)."""
+        shard = next((s for s in self.shards() if s.rows), None)
+        return None if shard is None else str(self.read_image_embeddings(shard).dtype)
+
+    def check_storage_dtype(self, wanted: str | None) -> str:
+        """The dtype new shards must use: `wanted` (default: the store's, else float32). Readers take one dtype per
+        folder, so a store never mixes them."""
+        stored = self.storage_dtype
+        if wanted and stored and wanted != stored:
+            raise StoreError(f"{self.root} stores {stored} vectors; cannot add {wanted} ones (readers such as "
+                             f"embedding-reader take one dtype per folder)")
+        return wanted or stored or "float32"
+
     def next_shard_index(self) -> int:
         shards = self.shards()
         return shards[-1].index + 1 if shards else 0
@@ -144,7 +167,7 @@ class EmbeddingStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tables = [pq.read_table(self._path("metadata", s.index), columns=columns) for s in self.shards()]
+        tables = [pq.read_table(self._path("metadata", s.index), columns=columns) for s in self.shards() if s.rows]
         if not tables:
             return pa.table({c: pa.array([], type=_column_type(c)) for c in (columns or METADATA_COLUMNS)})
         return pa.concat_tables(tables)
@@ -178,16 +201,30 @@ class EmbeddingStore:
         if (text_embeddings is not None) != info.has_text:
             raise StoreError(f"shard {info.index}: has_text={info.has_text} but text embeddings "
                              f"{'given' if text_embeddings is not None else 'missing'}")
-        with atomic_write(self._path("img_emb", info.index)) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, image_embeddings)
-        if text_embeddings is not None:
-            with atomic_write(self._path("text_emb", info.index)) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, text_embeddings)
-        table = pa.table({c: pa.array(metadata[c], type=_column_type(c)) for c in METADATA_COLUMNS})
-        with atomic_write(self._path("metadata", info.index)) as tmp:
-            pq.write_table(table, tmp)
+        if info.rows:  # an empty shard is only a commit record (see the module docstring)
+            if text_embeddings is not None:
+                self._backfill_text()
+            elif any((self.root / TEXT_DIR).glob("text_emb_*.npy")):
+                text_embeddings = np.zeros_like(image_embeddings)
+            self._save_array("img_emb", info.index, image_embeddings)
+            if text_embeddings is not None:
+                self._save_array("text_emb", info.index, text_embeddings)
+            table = pa.table({c: pa.array(metadata[c], type=_column_type(c)) for c in METADATA_COLUMNS})
+            with atomic_write(self._path("metadata", info.index)) as tmp:
+                pq.write_table(table, tmp)
         with atomic_write(self._path("shard", info.index)) as tmp:
             Path(tmp).write_text(json.dumps(asdict(info), indent=1))
+
+    def _save_array(self, kind: str, index: int, array: np.ndarray) -> None:
+        with atomic_write(self._path(kind, index)) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+    def _backfill_text(self) -> None:
+        """Give every committed shard without a text_emb file an all-zero one (keeps text_emb/ row-aligned)."""
+        for shard in self.shards():
+            if shard.rows and not self._path("text_emb", shard.index).is_file():
+                images = self.read_image_embeddings(shard)
+                self._save_array("text_emb", shard.index, np.zeros(images.shape, images.dtype))
 
 
 def _column_type(column: str):

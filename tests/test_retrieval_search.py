@@ -7,6 +7,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 from internvl_fm.retrieval import ImageIndex, IndexNotFoundError, IndexOptions, IndexStateError
+from internvl_fm.cli import main
 from internvl_fm.retrieval.cli import index_main, search_main
 from test_retrieval_common import fast_config, make_images, tiny_model  # noqa: F401  (fixture)
 
@@ -114,8 +115,9 @@ def test_cli_build_search_html_add(tmp_path, tiny_clip_path, capsys):
     with pytest.raises(SystemExit):
         search_main([str(out)])  # neither a query nor --image
     capsys.readouterr()
-    assert search_main([str(tmp_path / "imgs"), "x"]) == 2  # not an index: a message, not a traceback
-    assert "no search index" in capsys.readouterr().err
+    assert main(["search", str(tmp_path / "imgs"), "x"]) == 2  # not an index: one line, not a traceback
+    err = capsys.readouterr().err
+    assert "no search index" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "bad.png").write_bytes(b"")
-    assert search_main([str(out), "--image", str(tmp_path / "bad.png")]) == 2
+    assert main(["search", str(out), "--image", str(tmp_path / "bad.png")]) == 2
     assert "empty file" in capsys.readouterr().err
