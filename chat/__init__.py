@@ -1,9 +1,11 @@
 """The chat task: OpenAI-compatible server, CLI, grounding helpers, and the InternVL-Chat API in one place.
 
-The model, its configuration, tokenizer, tiling, video sampling and templates live in the core (`internvl_fm.models`,
-`internvl_fm.tiling`, ...) and are re-exported here so `from internvl_fm.chat import InternVLChatModel` keeps working.
-Pure helpers import eagerly; the model and server load lazily so `from internvl_fm.chat import render_prompt` stays
-cheap.
+The model, its configuration and processor, tokenizer, tiling, video sampling and templates live in the core
+(`internvl_fm.models`, `internvl_fm.processing_internvl_chat`, `internvl_fm.tiling`, ...) and are re-exported here so
+`from internvl_fm.chat import InternVLChatModel` keeps working. `load_image(path, max_num=12)` and
+`build_transform(input_size=448)` are the model cards' functions (in the core: `load_image_tiles`,
+`build_tile_transform`; the core `internvl_fm.load_image` returns a PIL image). Pure helpers import eagerly; the model
+and server load lazily so `from internvl_fm.chat import render_prompt` stays cheap.
 """
 from __future__ import annotations
 
@@ -21,11 +23,16 @@ from internvl_fm.chat_templates import (
     get_template,
     render_prompt,
 )
-from internvl_fm.tiling import build_transform, dynamic_preprocess, load_image, tile_grid
+from internvl_fm.processing_internvl_chat import (ChatInputs, InternVLChatProcessor, build_tile_transform,
+                                                  load_image_tiles)
+from internvl_fm.tiling import dynamic_preprocess, tile_grid
 from internvl_fm.tokenization_internvl_chat import load_tokenizer
 from internvl_fm.video import VideoClip, load_video, video_frame_indices, video_prompt_prefix
 
 from .grounding import GroundedBox, draw_boxes, ground, parse_boxes, scale_box
+
+load_image = load_image_tiles  # the model cards' name: an image as its [tiles, 3, S, S] pixels
+build_transform = build_tile_transform  # the model cards' name
 
 if TYPE_CHECKING:
     from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
@@ -41,12 +48,15 @@ _LAZY = {
 __all__ = [
     "InternVLChatConfig",
     "InternVLChatModel",
+    "InternVLChatProcessor",
+    "ChatInputs",
     "create_app",
     "ServerSettings",
     "tile_grid",
     "dynamic_preprocess",
     "build_transform",
     "load_image",
+    "load_image_tiles",
     "video_frame_indices",
     "video_prompt_prefix",
     "load_video",

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from internvl_fm.chat_templates import IMAGE_PLACEHOLDER, with_image_placeholders
 from internvl_fm.cli_utils import CLIError, add_model_options, dtype_or_none, new_parser, resolve_device
 
 __all__ = ["chat_main", "serve_main"]
@@ -61,46 +62,34 @@ def _load(args: argparse.Namespace):
     return model, tokenizer
 
 
-def _images_to_pixels(model, paths: list[str], max_num: int | None):
-    import torch
-
-    from internvl_fm.tiling import load_image
-
-    if not paths:
-        return None, []
-    config = model.config
-    tiles = [load_image(p, max_num=max_num or config.max_dynamic_patch, input_size=config.image_size,
-                        min_num=config.min_dynamic_patch, use_thumbnail=config.use_thumbnail) for p in paths]
-    return torch.cat(tiles).to(device=model.device, dtype=model.dtype), [t.shape[0] for t in tiles]
-
-
-def _video_to_pixels(model, path: str, num_segments: int, max_num: int):
-    from internvl_fm.video import load_video
-
-    clip = load_video(path, input_size=model.config.image_size, max_num=max_num, num_segments=num_segments)
-    return clip.pixel_values.to(device=model.device, dtype=model.dtype), clip.num_patches_list, clip.prompt_prefix
+def _pixels(model, tokenizer, args: argparse.Namespace):
+    """``(pixel_values on the model's device, tiles per image / frame, prompt prefix)`` of ``--image`` / ``--video``,
+    made by the model's processor."""
+    processor = model.get_processor(tokenizer)
+    if args.video:
+        clip = processor.load_video(args.video, num_segments=args.num_segments, max_num=args.max_num or 1)
+        pixel_values, num_patches, prefix = clip.pixel_values, clip.num_patches_list, clip.prompt_prefix
+    else:
+        pixel_values, num_patches = processor.preprocess_images(args.image, max_num=args.max_num)
+        prefix = with_image_placeholders("", len(num_patches))
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
+    return pixel_values, num_patches, prefix
 
 
 def _answer(model, tokenizer, pixel_values, question: str, generation: dict[str, Any], history, num_patches,
-            stream: bool) -> str:
+            stream: bool, system_message: str | None) -> str:
+    kwargs = dict(history=history, num_patches_list=num_patches or None, system_message=system_message)
     if stream:
         pieces = []
-        for piece in model.stream_chat(tokenizer, pixel_values, question, generation, history=history,
-                                       num_patches_list=num_patches or None):
+        for piece in model.stream_chat(tokenizer, pixel_values, question, generation, **kwargs):
             print(piece, end="", flush=True)
             pieces.append(piece)
         print()
         return "".join(pieces)
-    answer = model.chat(tokenizer, pixel_values, question, generation, history=history,
-                        num_patches_list=num_patches or None)
+    answer = model.chat(tokenizer, pixel_values, question, generation, **kwargs)
     print(answer)
     return answer
-
-
-def _image_prefix(num_images: int) -> str:
-    if num_images <= 1:
-        return "<image>\n" if num_images else ""
-    return "".join(f"Image-{i + 1}: <image>\n" for i in range(num_images))
 
 
 def _image_format_known(path: str) -> bool:
@@ -155,20 +144,22 @@ def chat_main(argv: list[str]) -> int:
         raise CLIError("--video needs PyAV: pip install av (or pip install 'internvl-fm[video]')")
 
     model, tokenizer = _load(args)
-    if args.system is not None:
-        model.system_message = args.system
     generation: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         generation["temperature"] = args.temperature
-    if args.video:
-        pixel_values, num_patches, prefix = _video_to_pixels(model, args.video, args.num_segments, args.max_num or 1)
-    else:
-        pixel_values, num_patches = _images_to_pixels(model, args.image, args.max_num)
-        prefix = _image_prefix(len(num_patches))
+    pixel_values, num_patches, prefix = _pixels(model, tokenizer, args)
     stream = not args.no_stream
 
+    def turn(question: str, history: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Answer one question (printed); the history with it. The media go before the first question."""
+        if not history and IMAGE_PLACEHOLDER not in question:
+            question = prefix + question
+        answer = _answer(model, tokenizer, pixel_values, question, generation, history, num_patches, stream,
+                         args.system)
+        return [*history, (question, answer)]
+
     if args.question is not None:
-        answer = _answer(model, tokenizer, pixel_values, prefix + args.question, generation, [], num_patches, stream)
+        answer = turn(args.question, [])[-1][1]
         if args.boxes_out:
             _save_boxes(answer, args.image[0], args.boxes_out)
         return 0
@@ -188,10 +179,8 @@ def chat_main(argv: list[str]) -> int:
         if line == "/reset":
             history = []
             continue
-        question = (prefix if not history else "") + line
         # the images stay attached: every turn re-expands the <image> of the first question, as the official chat()
-        answer = _answer(model, tokenizer, pixel_values, question, generation, history, num_patches, stream)
-        history.append((question, answer))
+        history = turn(line, history)
 
 
 def serve_main(argv: list[str]) -> int:
@@ -212,16 +201,17 @@ def serve_main(argv: list[str]) -> int:
     args = _parse(parser, argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
-    if min(args.max_images, args.max_image_pixels, args.max_request_bytes, args.max_new_tokens) < 1:
-        parser.error("--max-images, --max-image-pixels, --max-request-bytes and --max-new-tokens must be >= 1")
     if args.allowed_root and not Path(args.allowed_root).is_dir():
         raise CLIError(f"--allowed-root is not a folder: {args.allowed_root}")
+    try:  # the settings validate themselves, before the model loads
+        settings = ServerSettings(
+            model_name=args.model_name or Path(str(args.model).rstrip("/")).name,
+            allowed_root=Path(args.allowed_root).resolve() if args.allowed_root else None,
+            allow_http=args.allow_http, max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+            max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens, max_tiles=args.max_num)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     model, tokenizer = _load(args)
-    settings = ServerSettings(
-        model_name=args.model_name or Path(str(args.model).rstrip("/")).name,
-        allowed_root=Path(args.allowed_root).resolve() if args.allowed_root else None,
-        allow_http=args.allow_http, max_images=args.max_images, max_image_pixels=args.max_image_pixels,
-        max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens, max_tiles=args.max_num)
     serve(model, tokenizer, host=args.host, port=args.port, settings=settings)
     return 0

@@ -1,12 +1,15 @@
 """An OpenAI-compatible chat server for InternVL-Chat: ``/v1/chat/completions`` (JSON or SSE stream), ``/v1/models``.
 
-Images come as ``image_url`` content parts: ``data:`` URLs, local files under an allowed root (plain paths or
-``file://`` URLs) and, only when enabled, ``http(s)://`` URLs. Request bytes, image count and image pixels are capped.
-Errors are 4xx JSON bodies in the OpenAI shape ``{"error": {"message", "type", "code"}}``.
+The request body is validated once, at the boundary, by pydantic models (:class:`ChatCompletionRequest`); the routes
+live on an ``APIRouter`` (:data:`router`) that reads the :class:`ChatService` from ``app.state``. Images come as
+``image_url`` content parts: ``data:`` URLs, local files under an allowed root (plain paths or ``file://`` URLs) and,
+only when enabled, ``http(s)://`` URLs; they are decoded by the core ``internvl_fm.processing.load_image`` and tiled by
+the model's :class:`~internvl_fm.processing_internvl_chat.InternVLChatProcessor`. Request bytes, image count and
+image pixels are capped. Errors are 4xx JSON bodies in the OpenAI shape ``{"error": {"message", "type", "code"}}``.
 """
+# FastAPI reads endpoint annotations at runtime: this module therefore avoids `from __future__ import annotations`
 import base64
 import binascii
-import io
 import json
 import threading
 import time
@@ -14,14 +17,22 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from internvl_fm.chat_templates import IMAGE_PLACEHOLDER
-from internvl_fm.tiling import build_transform, dynamic_preprocess
+from internvl_fm.chat_templates import IMAGE_PLACEHOLDER, with_image_placeholders
+from internvl_fm.errors import ImageLoadError
+from internvl_fm.errors import ImageTooLargeError
+from internvl_fm.processing import load_image
+from internvl_fm.processing_internvl_chat import ChatInputs
 
-__all__ = ["ServerSettings", "ChatRequestError", "create_app", "serve"]
+__all__ = ["ServerSettings", "ChatRequestError", "ChatCompletionRequest", "ChatCompletion", "ChatService", "router",
+           "create_app", "serve"]
 
 
 @dataclass
@@ -29,54 +40,241 @@ class ServerSettings:
     """Limits and sources of the chat server."""
 
     model_name: str = "internvl-chat"
-    allowed_root: Path | None = None  # local image files must live under it; None disables local files
+    allowed_root: Optional[Path] = None  # local image files must live under it; None disables local files
     allow_http: bool = False
     max_request_bytes: int = 20 * 1024 * 1024
     max_images: int = 8
     max_image_pixels: int = 4096 * 4096
     max_new_tokens: int = 1024
-    max_tiles: int | None = None  # per image; default: the model config's max_dynamic_patch
+    max_tiles: Optional[int] = None  # per image; default: the model config's max_dynamic_patch
     http_timeout_s: float = 10.0
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_images", "max_image_pixels", "max_new_tokens", "max_tiles"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"server setting {name} must be >= 1, got {value}")
 
 
 class ChatRequestError(Exception):
     """A request the server rejects: HTTP ``status`` and an OpenAI-style error ``code``."""
 
-    def __init__(self, status: int, message: str, code: str = "invalid_request", param: str | None = None):
+    def __init__(self, status: int, message: str, code: str = "invalid_request", param: Optional[str] = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": "invalid_request_error", "code": self.code,
-                          "param": self.param}}
+        return ErrorResponse(error=ErrorInfo(message=self.message, code=self.code, param=self.param)).model_dump()
+
+
+# ---------------------------------------------------------------------------------------------------------- schema
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ImageURL(_Strict):
+    url: str = ""
+    detail: Optional[str] = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str = ""
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: Union[ImageURL, str]
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+
+    def text_and_urls(self) -> tuple[str, list[str]]:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or "", []
+        texts = [part.text for part in self.content if isinstance(part, TextPart)]
+        urls = [part.url for part in self.content if isinstance(part, ImagePart)]
+        if not all(urls):
+            raise ChatRequestError(400, "an image_url part has no url", code="missing_image", param="image_url")
+        return "\n".join(texts), urls
+
+
+@dataclass
+class ParsedChat:
+    """A chat request as ``chat()`` arguments: the turns with their ``<image>`` placeholders, decoded images."""
+
+    question: str
+    history: list[tuple[str, str]]
+    system: Optional[str]
+    images: list[Any]
+    generation: dict[str, Any]
+    stream: bool
+
+
+class ChatCompletionRequest(_Strict):
+    """The body of ``POST /v1/chat/completions`` (the OpenAI fields this server uses; others are ignored)."""
+
+    model: Optional[str] = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    stream: bool = False
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "ChatCompletionRequest":
+        """Validate a raw JSON body; any problem is a :class:`ChatRequestError` naming the field."""
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            error = max(exc.errors(), key=lambda e: len(e["loc"]))  # the deepest: inside a union, the closest branch
+            if error["type"] == "json_invalid" or not error["loc"]:
+                raise ChatRequestError(400, f"request body is not a valid JSON object: {error['msg']}",
+                                       code="invalid_json") from None
+            where = ".".join(str(part) for part in _field_path(error["loc"]))
+            raise ChatRequestError(400, f"{where}: {error['msg']}", param=str(error["loc"][0])) from None
+
+    def to_chat(self, settings: ServerSettings) -> ParsedChat:
+        """Check what the schema cannot (model name, turn order, images against placeholders) and fetch the images."""
+        if self.model not in (None, settings.model_name):
+            raise ChatRequestError(404, f"model {self.model!r} does not exist; this server serves "
+                                        f"{settings.model_name!r}", code="model_not_found", param="model")
+        system: Optional[str] = None
+        turns: list[tuple[str, Optional[str]]] = []
+        urls: list[str] = []
+        for message in self.messages:
+            text, message_urls = message.text_and_urls()
+            if message.role == "system":
+                system = text if system is None else system + "\n" + text
+            elif message.role == "user":
+                if turns and turns[-1][1] is None:
+                    raise ChatRequestError(400, "two user messages in a row; merge them into one", param="messages")
+                turns.append((with_image_placeholders(text, len(message_urls)), None))
+                urls += message_urls
+            else:
+                if not turns or turns[-1][1] is not None:
+                    raise ChatRequestError(400, "an assistant message must follow a user message", param="messages")
+                turns[-1] = (turns[-1][0], text)
+        if not turns or turns[-1][1] is not None:
+            raise ChatRequestError(400, "the last message must come from the user", param="messages")
+        if len(urls) > settings.max_images:
+            raise ChatRequestError(400, f"{len(urls)} images in the request, more than the limit of "
+                                        f"{settings.max_images}", code="too_many_images")
+        placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns)
+        if placeholders != len(urls):
+            raise ChatRequestError(400, f"the messages hold {placeholders} {IMAGE_PLACEHOLDER} placeholders but "
+                                        f"{len(urls)} images", code="missing_image")
+        max_tokens = self.max_completion_tokens or self.max_tokens or min(256, settings.max_new_tokens)
+        generation: dict[str, Any] = {**settings.generation_defaults,
+                                      "max_new_tokens": min(max_tokens, settings.max_new_tokens)}
+        if self.temperature:
+            generation.update(do_sample=True, temperature=self.temperature)
+            if self.top_p is not None:
+                generation["top_p"] = self.top_p
+        else:
+            generation["do_sample"] = False
+        images = [fetch_image(url, settings) for url in urls]
+        return ParsedChat(question=turns[-1][0], history=[(q, a) for q, a in turns[:-1]], system=system,
+                          images=images, generation=generation, stream=self.stream)
+
+
+def _field_path(loc: tuple) -> list:
+    """A pydantic error location up to the first union branch label (``str``, ``list[...]``, ``ImageURL``)."""
+    path = []
+    for part in loc:
+        if isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool")):
+            break
+        path.append(part)
+    return path
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    code: str
+    param: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "internvl-fm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: dict[str, str]
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
 
 
 # ---------------------------------------------------------------------------------------------------------- images
 def _decode_image(data: bytes, source: str, max_pixels: int):
-    from PIL import Image
-
-    from internvl_fm.processing import to_rgb
-
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ChatRequestError(413, f"image {source} has {width}x{height} pixels, more than the limit of "
-                                        f"{max_pixels}", code="image_too_large")
-        image.load()
-        return to_rgb(image)
-    except ChatRequestError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ChatRequestError(413, f"image {source} is too large: {exc}", code="image_too_large") from exc
-    except Exception as exc:  # any decoder failure is the client's bad input
-        raise ChatRequestError(400, f"cannot decode image {source}: {exc}", code="invalid_image") from exc
+        return load_image(data, max_pixels)
+    except ImageTooLargeError as exc:
+        raise ChatRequestError(413, f"image {source} is too large: {exc.reason}", code="image_too_large") from exc
+    except ImageLoadError as exc:  # the client's bad input
+        raise ChatRequestError(400, f"cannot decode image {source}: {exc.reason}", code="invalid_image") from exc
 
 
 def fetch_image(url: str, settings: ServerSettings):
     """Resolve one ``image_url`` to a PIL image, enforcing the server's sources and caps."""
-    if not isinstance(url, str) or not url:
+    if not url:
         raise ChatRequestError(400, "image_url.url is missing or empty", code="missing_image", param="image_url")
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
@@ -88,24 +286,7 @@ def fetch_image(url: str, settings: ServerSettings):
             raise ChatRequestError(400, f"invalid base64 image data: {exc}", code="invalid_image") from exc
         return _decode_image(data, "(data URL)", settings.max_image_pixels)
     if url.startswith(("http://", "https://")):
-        if not settings.allow_http:
-            raise ChatRequestError(400, "http(s) image URLs are disabled on this server (start it with "
-                                        "--allow-http)", code="http_images_disabled")
-        import httpx
-
-        try:
-            with httpx.stream("GET", url, timeout=settings.http_timeout_s, follow_redirects=True) as response:
-                response.raise_for_status()
-                chunks, size = [], 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > settings.max_request_bytes:
-                        raise ChatRequestError(413, f"image at {url} is larger than {settings.max_request_bytes} "
-                                                    "bytes", code="image_too_large")
-                    chunks.append(chunk)
-        except httpx.HTTPError as exc:
-            raise ChatRequestError(400, f"cannot fetch image {url}: {exc}", code="missing_image") from exc
-        return _decode_image(b"".join(chunks), url, settings.max_image_pixels)
+        return _decode_image(_fetch_http(url, settings), url, settings.max_image_pixels)
     path_text = url.removeprefix("file://")
     if settings.allowed_root is None:
         raise ChatRequestError(403, "local image files are disabled on this server (start it with --allowed-root)",
@@ -122,161 +303,68 @@ def fetch_image(url: str, settings: ServerSettings):
     return _decode_image(path.read_bytes(), path_text, settings.max_image_pixels)
 
 
-# ---------------------------------------------------------------------------------------------------------- requests
-@dataclass
-class ParsedChat:
-    """An OpenAI chat request turned into ``chat()`` arguments."""
+def _fetch_http(url: str, settings: ServerSettings) -> bytes:
+    if not settings.allow_http:
+        raise ChatRequestError(400, "http(s) image URLs are disabled on this server (start it with --allow-http)",
+                               code="http_images_disabled")
+    import httpx
 
-    question: str
-    history: list[tuple[str, str]]
-    system: str | None
-    images: list[Any]
-    generation: dict[str, Any]
-    stream: bool
-
-
-def _content_parts(content: Any, role: str) -> tuple[str, list[str]]:
-    if content is None:
-        return "", []
-    if isinstance(content, str):
-        return content, []
-    if not isinstance(content, list):
-        raise ChatRequestError(400, f"{role} message content must be a string or a list of parts")
-    texts, urls = [], []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            texts.append(str(part.get("text", "")))
-        elif kind == "image_url":
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else image_url
-            if not url:
-                raise ChatRequestError(400, "an image_url part has no url", code="missing_image", param="image_url")
-            urls.append(url)
-        else:
-            raise ChatRequestError(400, f"unsupported content part type {kind!r} (use 'text' or 'image_url')")
-    return "\n".join(texts), urls
+    try:
+        with httpx.stream("GET", url, timeout=settings.http_timeout_s, follow_redirects=True) as response:
+            response.raise_for_status()
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > settings.max_request_bytes:
+                    raise ChatRequestError(413, f"image at {url} is larger than {settings.max_request_bytes} bytes",
+                                           code="image_too_large")
+                chunks.append(chunk)
+    except httpx.HTTPError as exc:
+        raise ChatRequestError(400, f"cannot fetch image {url}: {exc}", code="missing_image") from exc
+    return b"".join(chunks)
 
 
-def _with_placeholders(text: str, num_images: int) -> str:
-    if num_images == 0 or IMAGE_PLACEHOLDER in text:
-        return text
-    if num_images == 1:
-        return f"{IMAGE_PLACEHOLDER}\n{text}"
-    return "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(num_images)) + text
-
-
-def parse_chat_request(body: dict[str, Any], settings: ServerSettings) -> ParsedChat:
-    """Validate an OpenAI ``chat.completions`` body (model, messages, sampling) and collect its images."""
-    if body.get("model") not in (None, settings.model_name):
-        raise ChatRequestError(404, f"model {body.get('model')!r} does not exist; this server serves "
-                                    f"{settings.model_name!r}", code="model_not_found", param="model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ChatRequestError(400, "messages must be a non-empty list", param="messages")
-    system: str | None = None
-    turns: list[tuple[str, str | None]] = []
-    urls: list[str] = []
-    for message in messages:
-        if not isinstance(message, dict):
-            raise ChatRequestError(400, "each message must be an object", param="messages")
-        role = message.get("role")
-        text, message_urls = _content_parts(message.get("content"), str(role))
-        if role == "system":
-            system = text if system is None else system + "\n" + text
-        elif role == "user":
-            if turns and turns[-1][1] is None:
-                raise ChatRequestError(400, "two user messages in a row; merge them into one", param="messages")
-            turns.append((_with_placeholders(text, len(message_urls)), None))
-            urls += message_urls
-        elif role == "assistant":
-            if not turns or turns[-1][1] is not None:
-                raise ChatRequestError(400, "an assistant message must follow a user message", param="messages")
-            turns[-1] = (turns[-1][0], text)
-        else:
-            raise ChatRequestError(400, f"unsupported message role {role!r}", param="messages")
-    if not turns or turns[-1][1] is not None:
-        raise ChatRequestError(400, "the last message must come from the user", param="messages")
-    if len(urls) > settings.max_images:
-        raise ChatRequestError(400, f"{len(urls)} images in the request, more than the limit of "
-                                    f"{settings.max_images}", code="too_many_images")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or min(256, settings.max_new_tokens)
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ChatRequestError(400, "max_tokens must be a positive integer", param="max_tokens")
-    generation: dict[str, Any] = {**settings.generation_defaults, "max_new_tokens": min(max_tokens,
-                                                                                       settings.max_new_tokens)}
-    temperature = body.get("temperature")
-    if temperature is not None and not isinstance(temperature, (int, float)):
-        raise ChatRequestError(400, "temperature must be a number", param="temperature")
-    if temperature:
-        generation.update(do_sample=True, temperature=float(temperature))
-        if body.get("top_p") is not None:
-            generation["top_p"] = float(body["top_p"])
-    else:
-        generation["do_sample"] = False
-    images = [fetch_image(url, settings) for url in urls]
-    question = turns[-1][0]
-    history = [(q, a) for q, a in turns[:-1]]
-    return ParsedChat(question=question, history=history, system=system, images=images, generation=generation,
-                      stream=bool(body.get("stream", False)))
-
-
-# ---------------------------------------------------------------------------------------------------------- app
+# ---------------------------------------------------------------------------------------------------------- service
 class ChatService:
-    """Runs one request at a time on the model (generation is not re-entrant)."""
+    """The model, its processor and the settings; runs one request at a time (generation is not re-entrant).
+
+    The model is never changed: the request's system message goes through the call.
+    """
 
     def __init__(self, model, tokenizer, settings: ServerSettings):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.processor = model.get_processor(tokenizer)
         self.lock = threading.Lock()
-        config = model.config
-        self.max_tiles = settings.max_tiles or config.max_dynamic_patch
-        self.transform = build_transform(config.image_size)
 
-    def pixel_values(self, images: list[Any]) -> tuple[torch.Tensor | None, list[int]]:
-        if not images:
-            return None, []
-        config = self.model.config
-        per_image = []
-        for image in images:
-            tiles = dynamic_preprocess(image, min_num=config.min_dynamic_patch, max_num=self.max_tiles,
-                                       image_size=config.image_size, use_thumbnail=config.use_thumbnail)
-            per_image.append(torch.stack([self.transform(t) for t in tiles]))
-        pixel_values = torch.cat(per_image).to(device=self.model.device, dtype=self.model.dtype)
-        return pixel_values, [t.shape[0] for t in per_image]
+    def pixel_values(self, images: list[Any]) -> tuple[Optional[torch.Tensor], list[int]]:
+        """Tiles of decoded images (up to ``max_tiles`` each) on the model's device and dtype, and tiles per image."""
+        pixel_values, num_patches = self.processor.preprocess_images(images, max_num=self.settings.max_tiles)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device=self.model.device, dtype=self.model.dtype)
+        return pixel_values, num_patches
 
-    def prepare(self, parsed: ParsedChat):
+    def prepare(self, parsed: ParsedChat) -> ChatInputs:
         pixel_values, num_patches = self.pixel_values(parsed.images)
-        model = self.model
-        placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in [*parsed.history, (parsed.question, None)])
-        if placeholders != len(num_patches):
-            raise ChatRequestError(400, f"the messages hold {placeholders} {IMAGE_PLACEHOLDER} placeholders but "
-                                        f"{len(num_patches)} images", code="missing_image")
-        system = model.system_message
-        try:
-            if parsed.system is not None:
-                model.system_message = parsed.system
-            inputs = model.prepare_chat_inputs(self.tokenizer, pixel_values, parsed.question,
-                                               history=parsed.history, num_patches_list=num_patches)
-        finally:
-            model.system_message = system
-        return pixel_values, inputs
+        inputs = self.model.prepare_chat_inputs(self.tokenizer, pixel_values, parsed.question, history=parsed.history,
+                                                num_patches_list=num_patches or None, system_message=parsed.system)
+        return inputs
 
     def complete(self, parsed: ParsedChat) -> tuple[str, int, int, str]:
         with self.lock:
-            pixel_values, inputs = self.prepare(parsed)
-            output_ids = self.model.generate(pixel_values=pixel_values, input_ids=inputs.input_ids,
-                                             attention_mask=inputs.attention_mask,
-                                             **{**parsed.generation, "eos_token_id": inputs.eos_token_id})
-        text = self.model.decode_response(self.tokenizer, output_ids, inputs.stop)[0]
+            inputs = self.prepare(parsed)
+            output_ids = self.model.generate(
+                pixel_values=inputs.pixel_values, input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                image_token_id=inputs.image_token_id, **{**parsed.generation, "eos_token_id": inputs.eos_token_id})
+        text = self.processor.decode(output_ids, inputs.stop)[0]
         return text, inputs.input_ids.shape[1], output_ids.shape[1], _finish_reason(output_ids, inputs.eos_token_id)
 
-    def stream(self, parsed: ParsedChat) -> Iterator[tuple[str | None, str | None]]:
+    def stream(self, parsed: ParsedChat) -> Iterator[tuple[Optional[str], Optional[str]]]:
         """Yields ``(text_piece, None)`` while generating, then ``(None, finish_reason)``."""
         with self.lock:
-            pixel_values, inputs = self.prepare(parsed)
+            inputs = self.prepare(parsed)
             finished: list[torch.Tensor] = []
             yield from ((piece, None) for piece in self.model.stream_generate(
-                self.tokenizer, pixel_values, inputs, parsed.generation, on_finish=finished.append))
+                self.tokenizer, inputs.pixel_values, inputs, parsed.generation, on_finish=finished.append))
         yield None, _finish_reason(finished[0], inputs.eos_token_id) if finished else "stop"
 
 
@@ -284,96 +372,100 @@ def _finish_reason(output_ids: torch.Tensor, eos_token_id: int) -> str:
     return "stop" if bool((output_ids == eos_token_id).any()) else "length"
 
 
-def create_app(model, tokenizer=None, settings: ServerSettings | None = None, **kwargs: Any):
-    """The FastAPI app. ``tokenizer`` defaults to ``model.tokenizer``; ``kwargs`` override :class:`ServerSettings`."""
-    # FastAPI reads endpoint annotations at runtime: this module therefore avoids `from __future__ import annotations`
-    from fastapi import FastAPI, Request
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse, StreamingResponse
+# ---------------------------------------------------------------------------------------------------------- routes
+router = APIRouter()
 
+
+def get_service(request: Request) -> ChatService:
+    """The app's :class:`ChatService` (a FastAPI dependency)."""
+    return request.app.state.service
+
+
+Service = Annotated[ChatService, Depends(get_service)]
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ChatRequestError(413, f"request body over {limit} bytes", code="request_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ChatRequestError(413, f"request body over {limit} bytes", code="request_too_large")
+    return bytes(raw)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(service: Service) -> ModelList:
+    return ModelList(data=[ModelCard(id=service.settings.model_name)])
+
+
+@router.get("/health")
+async def health(service: Service) -> dict[str, str]:
+    return {"status": "ok", "model": service.settings.model_name}
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                        413: {"model": ErrorResponse}})
+async def chat_completions(request: Request, service: Service):
+    """A chat completion: JSON, or Server-Sent Events of ``chat.completion.chunk`` objects with ``"stream": true``."""
+    settings = service.settings
+    body = ChatCompletionRequest.parse(await _read_body(request, settings.max_request_bytes))
+    parsed = await run_in_threadpool(body.to_chat, settings)  # fetches / decodes the images
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if not parsed.stream:
+        text, prompt_tokens, completion_tokens, reason = await run_in_threadpool(service.complete, parsed)
+        return ChatCompletion(
+            id=completion_id, created=created, model=settings.model_name,
+            choices=[Choice(message=AssistantMessage(content=text), finish_reason=reason)],
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                        total_tokens=prompt_tokens + completion_tokens))
+    pieces = service.stream(parsed)
+    # fail before the 200 status line if the prompt cannot be built (bad placeholders...)
+    first = await run_in_threadpool(next, pieces, (None, "stop"))
+
+    def event(delta: dict[str, str], reason: Optional[str] = None) -> str:
+        chunk = ChatCompletionChunk(id=completion_id, created=created, model=settings.model_name,
+                                    choices=[ChunkChoice(delta=delta, finish_reason=reason)])
+        return f"data: {json.dumps(chunk.model_dump(), ensure_ascii=False)}\n\n"
+
+    def events() -> Iterator[str]:
+        yield event({"role": "assistant", "content": ""})
+        item = first
+        while item[0] is not None:
+            yield event({"content": item[0]})
+            item = next(pieces, (None, "stop"))
+        yield event({}, item[1])
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_error(_: Request, exc: ChatRequestError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def create_app(model, tokenizer=None, settings: Optional[ServerSettings] = None, **kwargs: Any) -> FastAPI:
+    """The FastAPI app. ``tokenizer`` defaults to ``model.tokenizer``; ``kwargs`` override :class:`ServerSettings`."""
     settings = settings or ServerSettings()
-    for key, value in kwargs.items():
-        if not hasattr(settings, key):
-            raise TypeError(f"unknown server setting {key!r}")
-        setattr(settings, key, value)
+    unknown = sorted(set(kwargs) - set(ServerSettings.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown server setting {unknown[0]!r}")
+    settings = ServerSettings(**{**settings.__dict__, **kwargs})  # validated again, the caller's object untouched
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("the chat server needs a tokenizer (the checkpoint folder has none; pass one)")
-    service = ChatService(model, tokenizer, settings)
     app = FastAPI(title="internvl-fm chat", version="1")
-    app.state.service = service
-
-    @app.exception_handler(ChatRequestError)
-    async def _chat_error(_: Request, exc: ChatRequestError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "internvl-fm"}]}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": settings.model_name}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes:
-            raise ChatRequestError(413, f"request body over {settings.max_request_bytes} bytes",
-                                   code="request_too_large")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > settings.max_request_bytes:
-                raise ChatRequestError(413, f"request body over {settings.max_request_bytes} bytes",
-                                       code="request_too_large")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ChatRequestError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
-        if not isinstance(body, dict):
-            raise ChatRequestError(400, "request body must be a JSON object", code="invalid_json")
-        parsed = await run_in_threadpool(parse_chat_request, body, settings)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if not parsed.stream:
-            text, prompt_tokens, completion_tokens, reason = await run_in_threadpool(service.complete, parsed)
-            return {
-                "id": completion_id, "object": "chat.completion", "created": created, "model": settings.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
-            }
-        pieces = service.stream(parsed)
-        # fail before the 200 status line if the prompt cannot be built (bad placeholders...)
-        first = await run_in_threadpool(next, pieces, (None, "stop"))
-
-        def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
-            data = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": settings.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-        def events() -> Iterator[str]:
-            yield chunk({"role": "assistant", "content": ""})
-            item = first
-            while True:
-                piece, reason = item
-                if piece is not None:
-                    yield chunk({"content": piece})
-                else:
-                    yield chunk({}, reason)
-                    break
-                item = next(pieces, (None, "stop"))
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
+    app.state.service = ChatService(model, tokenizer, settings)
+    app.add_exception_handler(ChatRequestError, _chat_error)
+    app.include_router(router)
     return app
 
 
-def serve(model, tokenizer=None, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
+def serve(model, tokenizer=None, host: str = "127.0.0.1", port: int = 8000, settings: Optional[ServerSettings] = None,
           **overrides: Any) -> None:
     """Run the server with uvicorn (binds 127.0.0.1 unless told otherwise)."""
     import uvicorn

@@ -11,12 +11,14 @@ import torch
 from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
 from internvl_fm.chat_templates import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
-__all__ = ["SPECIAL_TOKENS", "tiny_tokenizer", "tiny_chat_config", "tiny_chat_model", "save_tiny_chat_checkpoint"]
+__all__ = ["SPECIAL_TOKENS", "TINY_IMG_CONTEXT_ID", "tiny_tokenizer", "tiny_chat_config", "tiny_chat_model",
+           "save_tiny_chat_checkpoint"]
 
 SPECIAL_TOKENS = (
     "<|im_start|>", "<|im_end|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>",
     IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
 )
+TINY_IMG_CONTEXT_ID = 4 + SPECIAL_TOKENS.index(IMG_CONTEXT_TOKEN)  # its id in tiny_tokenizer()
 DEFAULT_WORDS = (
     "a", "the", "cat", "dog", "red", "panda", "photo", "of", "is", "in", "on", "what", "picture", "image", "describe",
     "how", "many", "legs", "does", "it", "have", "system", "user", "assistant", "yes", "no", "two", "four", "tree",
@@ -57,7 +59,9 @@ def tiny_chat_config(
     **overrides: Any,
 ) -> InternVLChatConfig:
     """An ``InternVLChatConfig`` with a tiny InternViT (2 layers) and a tiny LLM (``qwen2``, ``llama``,
-    ``internlm2``, ``phi3`` or ``qwen3``); ``image_size`` 28 gives one visual token per tile."""
+    ``internlm2``, ``phi3`` or ``qwen3``); ``image_size`` 28 gives one visual token per tile. It names the
+    ``<IMG_CONTEXT>`` id of :func:`tiny_tokenizer` (``img_context_token_id``), so ``forward`` / ``generate`` work
+    without a tokenizer attached."""
     archs = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM",
              "phi3": "Phi3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
     if llm not in archs:
@@ -77,7 +81,7 @@ def tiny_chat_config(
     }
     fields = dict(vision_config=vision_config, llm_config=llm_config, template=template, ps_version="v2",
                   select_layer=-1, downsample_ratio=0.5, force_image_size=image_size, dynamic_image_size=True,
-                  use_thumbnail=True, max_dynamic_patch=4)
+                  use_thumbnail=True, max_dynamic_patch=4, img_context_token_id=TINY_IMG_CONTEXT_ID)
     fields.update(overrides)
     return InternVLChatConfig(**fields)
 

@@ -15,6 +15,9 @@ _EXPORTS = {
     "WeightLoadingError": "internvl_fm.errors",
     "CheckpointNotFoundError": "internvl_fm.errors",
     "ImageLoadError": "internvl_fm.errors",
+    "ImageTooLargeError": "internvl_fm.errors",
+    "ModelKindError": "internvl_fm.errors",
+    "ConfigError": "internvl_fm.errors",
     "TokenizerContractError": "internvl_fm.errors",
     "load": "internvl_fm.loading",
     "InternVisionConfig": "internvl_fm.models.intern_vit",
@@ -26,6 +29,8 @@ _EXPORTS = {
     "InternVLChatConfig": "internvl_fm.models.configuration_internvl_chat",
     "InternVLChatModel": "internvl_fm.models.modeling_internvl_chat",
     "InternVLImageProcessor": "internvl_fm.processing",
+    "InternVLProcessor": "internvl_fm.processing",
+    "InternVLChatProcessor": "internvl_fm.processing_internvl_chat",
     "build_transform": "internvl_fm.processing",
     "load_image": "internvl_fm.processing",
     "InternVLTokenizer": "internvl_fm.tokenization",
@@ -53,12 +58,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from internvl_fm.errors import (CheckpointNotFoundError, ImageLoadError, InternVLError, TokenizerContractError,
-                                    WeightLoadingError)
+    from internvl_fm.errors import (CheckpointNotFoundError, ConfigError, ImageLoadError, ImageTooLargeError,
+                                    InternVLError, ModelKindError, TokenizerContractError, WeightLoadingError)
     from internvl_fm.loading import load
     from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
     from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
     from internvl_fm.models.modeling_internvl_chat import InternVLChatModel
     from internvl_fm.models.internvl import InternVLConfig, InternVLModel, InternVLTextModel, TextEncoderOutput
-    from internvl_fm.processing import InternVLImageProcessor, build_transform, load_image
+    from internvl_fm.processing import InternVLImageProcessor, InternVLProcessor, build_transform, load_image
+    from internvl_fm.processing_internvl_chat import InternVLChatProcessor
     from internvl_fm.tokenization import InternVLTokenizer, validate_tokenizer

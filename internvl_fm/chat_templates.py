@@ -22,6 +22,7 @@ __all__ = [
     "render_prompt",
     "expand_image_placeholders",
     "with_image_placeholder",
+    "with_image_placeholders",
     "build_chat_query",
 ]
 
@@ -143,6 +144,16 @@ def with_image_placeholder(question: str, has_images: bool, history: Sequence | 
     if history is None and has_images and IMAGE_PLACEHOLDER not in question:
         return IMAGE_PLACEHOLDER + "\n" + question
     return question
+
+
+def with_image_placeholders(text: str, num_images: int) -> str:
+    """Place ``num_images`` images before ``text`` unless it already holds ``<image>``: ``"<image>\\n"`` for one,
+    ``"Image-1: <image>\\nImage-2: <image>\\n..."`` for several (the model cards' multi-image prompt)."""
+    if num_images == 0 or IMAGE_PLACEHOLDER in text:
+        return text
+    if num_images == 1:
+        return f"{IMAGE_PLACEHOLDER}\n{text}"
+    return "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(num_images)) + text
 
 
 def build_chat_query(

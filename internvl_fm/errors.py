@@ -26,6 +26,10 @@ class ImageLoadError(InternVLError, ValueError):
         super().__init__(f"cannot load image {source!s}: {reason}")
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image with more pixels than allowed (a possible decompression bomb); servers answer it with 413."""
+
+
 class TokenizerContractError(InternVLError, ValueError):
     """A tokenizer that would break InternVL-C/G EOS pooling (no eos appended, pad id not 0, left padding...)."""
 

@@ -6,7 +6,6 @@ whole image.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -15,7 +14,8 @@ import torch
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["candidate_grids", "tile_grid", "dynamic_preprocess", "build_transform", "load_image"]
+__all__ = ["candidate_grids", "tile_grid", "dynamic_preprocess", "tile_pixels"]
+
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
     """All ``(cols, rows)`` with ``min_num <= cols*rows <= max_num``, in the official scan order."""
@@ -65,28 +65,21 @@ def dynamic_preprocess(
     return tiles
 
 
-def build_transform(input_size: int = 448) -> Callable[[Image.Image], torch.Tensor]:
-    """Tile transform of the chat models: ``Resize((S, S), bicubic)``, ``ToTensor``, ImageNet normalisation.
-
-    This is the core's "retrieval" transform (:func:`internvl_fm.processing.build_transform`).
-    """
-    from internvl_fm.processing import build_transform as core_build_transform
-
-    return core_build_transform(input_size, mode="retrieval")
-
-
-def load_image(
-    image: str | os.PathLike | Image.Image,
-    max_num: int = 12,
-    input_size: int = 448,
+def tile_pixels(
+    image: Image.Image,
+    image_size: int = 448,
     min_num: int = 1,
+    max_num: int = 12,
     use_thumbnail: bool = True,
+    dynamic: bool = True,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Load an image (path or PIL) and return its tiles as a ``[n_tiles, 3, S, S]`` float tensor (model-card recipe)."""
-    from internvl_fm.processing import load_image as core_load_image
+    """``[n_tiles, 3, S, S]`` pixels of one RGB image: its :func:`dynamic_preprocess` tiles (the whole image as one
+    tile when ``dynamic`` is off, as the official code does without ``dynamic_image_size``) through ``transform``
+    (default: the chat models' ``Resize((S, S))`` bicubic + ImageNet normalisation)."""
+    if transform is None:
+        from internvl_fm.processing import build_transform
 
-    img = core_load_image(image)  # RGB; ImageLoadError names a missing / corrupt file
-    transform = build_transform(input_size)
-    tiles = dynamic_preprocess(img, min_num=min_num, max_num=max_num, image_size=input_size,
-                               use_thumbnail=use_thumbnail)
-    return torch.stack([transform(t) for t in tiles])
+        transform = build_transform(image_size, mode="retrieval")
+    tiles = dynamic_preprocess(image, min_num, max_num, image_size, use_thumbnail) if dynamic else [image]
+    return torch.stack([transform(tile) for tile in tiles])

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from internvl_fm.tiling import build_transform, dynamic_preprocess
+from internvl_fm.tiling import tile_pixels
 
-__all__ = ["video_frame_indices", "VideoClip", "load_video", "video_prompt_prefix"]
+__all__ = ["video_frame_indices", "VideoClip", "sample_frames", "load_video", "video_prompt_prefix"]
 
 
 def video_frame_indices(
@@ -86,6 +86,19 @@ def _probe(path: str) -> tuple[int, float]:
     return num_frames, fps
 
 
+def sample_frames(
+    path: str | os.PathLike, bound: Sequence[float] | None = None, num_segments: int = 32
+) -> tuple[list, list[int], float]:
+    """``(frames as RGB PIL images, their indices, fps)``: ``num_segments`` frames picked by
+    :func:`video_frame_indices`. Needs PyAV (``pip install av``)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video file not found: {path}")
+    num_frames, fps = _probe(path)
+    indices = video_frame_indices(bound, fps, num_frames - 1, first_idx=0, num_segments=num_segments)
+    return _decode_frames(path, indices), indices, fps
+
+
 def load_video(
     path: str | os.PathLike,
     bound: Sequence[float] | None = None,
@@ -93,24 +106,16 @@ def load_video(
     max_num: int = 1,
     num_segments: int = 32,
 ) -> VideoClip:
-    """Sample ``num_segments`` frames with :func:`video_frame_indices` and tile each (``max_num`` tiles, thumbnail).
+    """Sample ``num_segments`` frames (:func:`sample_frames`) and tile each (``max_num`` tiles, thumbnail).
 
-    Needs PyAV (``pip install av``). Mirrors the model-card ``load_video`` (which uses decord).
+    Mirrors the model-card ``load_video`` (which uses decord); :meth:`InternVLChatProcessor.load_video
+    <internvl_fm.processing_internvl_chat.InternVLChatProcessor.load_video>` does the same with a model's settings.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video file not found: {path}")
-    num_frames, fps = _probe(path)
-    indices = video_frame_indices(bound, fps, num_frames - 1, first_idx=0, num_segments=num_segments)
-    frames = _decode_frames(path, indices)
-    transform = build_transform(input_size)
-    tiles_per_frame = []
-    for frame in frames:
-        tiles = dynamic_preprocess(frame, image_size=input_size, use_thumbnail=True, max_num=max_num)
-        tiles_per_frame.append(torch.stack([transform(t) for t in tiles]))
-    return VideoClip(
-        pixel_values=torch.cat(tiles_per_frame),
-        num_patches_list=[t.shape[0] for t in tiles_per_frame],
-        frame_indices=indices,
-        fps=fps,
-    )
+    frames, indices, fps = sample_frames(path, bound, num_segments)
+    from internvl_fm.processing import build_transform
+
+    transform = build_transform(input_size, mode="retrieval")
+    per_frame = [tile_pixels(frame, input_size, max_num=max_num, use_thumbnail=True, transform=transform)
+                 for frame in frames]
+    return VideoClip(pixel_values=torch.cat(per_frame), num_patches_list=[t.shape[0] for t in per_frame],
+                     frame_indices=indices, fps=fps)

@@ -190,3 +190,13 @@ def test_missing_tokenizer_is_one_line(tmp_path, capsys):
     assert main(["chat", str(folder), "--device", "cpu", "--tokenizer", str(tmp_path / "nope"), "-q", "hi"]) == 2
     assert "nope" in _one_line_error(capsys, "chat")
 
+
+
+def test_serve_settings_are_checked_before_the_model_loads(checkpoint, monkeypatch, capsys):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(InternVLChatModel, "from_pretrained", must_not_load)
+    with pytest.raises(SystemExit):
+        serve_main([str(checkpoint), "--max-images", "0"])
+    assert "max_images must be >= 1" in capsys.readouterr().err

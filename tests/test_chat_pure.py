@@ -10,7 +10,7 @@ from PIL import Image
 from internvl_fm.chat import (UnknownTemplateError, build_chat_query, draw_boxes, dynamic_preprocess, ground,
                               parse_boxes, render_prompt, tile_grid, video_frame_indices)
 from internvl_fm.chat_templates import TEMPLATES, expand_image_placeholders
-from internvl_fm.tiling import load_image
+from internvl_fm.chat import load_image
 
 
 def _manifest(golden, name):

@@ -163,3 +163,59 @@ def test_create_app_needs_a_tokenizer_and_known_settings():
     with pytest.raises(TypeError, match="unknown server setting"):
         create_app(model, tiny_tokenizer(), max_imagez=3)
     assert torch.is_tensor(next(model.parameters()))
+
+
+def test_system_message_goes_through_the_call_not_the_model(server, root, monkeypatch):
+    """A request's system message reaches the prompt while the model is never written to (the server used to set
+    and restore model.system_message around each request)."""
+    from internvl_fm.chat.server import ChatCompletionRequest
+
+    client, app, model, tokenizer = server
+    service = app.state.service
+    body = {"model": NAME, "max_tokens": 8, "messages": [
+        {"role": "system", "content": "you are a test"},
+        {"role": "user", "content": [_image_part("red.png"), {"type": "text", "text": "what ?"}]}]}
+    parsed = ChatCompletionRequest.parse(json.dumps(body).encode()).to_chat(service.settings)
+    inputs = service.prepare(parsed)
+    assert inputs.query.startswith("<|im_start|>system\nyou are a test<|im_end|>")
+    assert model.system_message not in inputs.query
+
+    default = model.system_message
+    writes = []
+    original = type(model).__setattr__
+
+    def record(self, name, value):
+        if self is model:
+            writes.append(name)
+        original(self, name, value)
+
+    monkeypatch.setattr(type(model), "__setattr__", record)
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert writes == [] and model.system_message == default
+    pixel_values, num_patches = service.pixel_values([Image.open(root / "red.png")])
+    want = model.chat(tokenizer, pixel_values, "<image>\nwhat ?", dict(max_new_tokens=8, do_sample=False),
+                      system_message="you are a test")
+    assert r.json()["choices"][0]["message"]["content"] == want
+
+
+def test_request_fields_are_validated_at_the_boundary(server):
+    client, *_ = server
+    for extra, param in (({"temperature": "hot"}, "temperature"), ({"top_p": 3}, "top_p"),
+                         ({"max_tokens": 0}, "max_tokens"), ({"stream": "yes"}, "stream")):
+        r = client.post("/v1/chat/completions", json={**_body("hi"), **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"model": NAME, "messages": [{"role": "tool", "content": "x"}]})
+    assert r.status_code == 400 and "messages.0.role" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json=_body([{"type": "input_audio", "input_audio": {}}]))
+    assert r.status_code == 400 and "input_audio" in r.json()["error"]["message"]
+    # unknown OpenAI fields are ignored, as OpenAI-compatible servers do
+    assert client.post("/v1/chat/completions", json={**_body("hi"), "n": 1, "user": "u"}).status_code == 200
+
+
+def test_settings_validate_themselves():
+    with pytest.raises(ValueError, match="max_images"):
+        ServerSettings(max_images=0)
+    with pytest.raises(ValueError, match="max_tiles"):
+        create_app(tiny_chat_model(tiny_chat_config(80), seed=0), tiny_tokenizer(), max_tiles=0)

@@ -12,7 +12,7 @@ from PIL import Image
 from internvl_fm.chat import InternVLChatModel, video_frame_indices
 from internvl_fm.chat.cli import chat_main, serve_main
 from internvl_fm.chat.testing import save_tiny_chat_checkpoint
-from internvl_fm.tiling import load_image
+from internvl_fm.chat import load_image
 from internvl_fm.video import load_video
 
 GEN = dict(max_new_tokens=4, do_sample=False)

@@ -23,6 +23,8 @@ class InternVLChatConfig(ConfigBase):
     ``vision_config`` is the core :class:`~internvl_fm.models.intern_vit.InternVisionConfig`; ``llm_config`` is a
     transformers config (``LlamaConfig`` for InternLM2 checkpoints, whose ``architectures`` keeps the official name).
     ``system_message=None`` means the template's default system message (configs that carry ``null`` included).
+    ``img_context_token_id`` is the id of ``<IMG_CONTEXT>`` for checkpoints that name it (official configs do not:
+    then the tokenizer's id is used, see :class:`~internvl_fm.processing_internvl_chat.InternVLChatProcessor`).
     """
 
     model_type = "internvl_chat"
@@ -43,6 +45,7 @@ class InternVLChatConfig(ConfigBase):
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 6
     system_message: str | None = None
+    img_context_token_id: int | None = None
     # the llm_config dict as read from disk: keys transformers does not model are written back from it
     llm_source: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -60,6 +63,11 @@ class InternVLChatConfig(ConfigBase):
         inverse = 1 / self.downsample_ratio if self.downsample_ratio > 0 else 0.0
         if not 0 < self.downsample_ratio <= 1 or abs(inverse - round(inverse)) > 1e-6:
             raise ConfigError(f"downsample_ratio must be 1/k for an integer k, got {self.downsample_ratio}")
+        token_id, vocab_size = self.img_context_token_id, getattr(self.llm_config, "vocab_size", None)
+        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool)
+                                     or not 0 <= token_id < (vocab_size or 2**31)):
+            raise ConfigError(f"img_context_token_id {self.img_context_token_id!r} is not a token id of the "
+                              f"{vocab_size}-token vocabulary")
         if self.template is not None:
             get_template(self.template)  # unknown names fail here, listing the known ones
         depth = self.vision_config.num_hidden_layers
@@ -93,6 +101,8 @@ class InternVLChatConfig(ConfigBase):
         out["tie_word_embeddings"] = False
         if self.system_message is None and "system_message" not in self.extra:
             out.pop("system_message", None)
+        if self.img_context_token_id is None:
+            out.pop("img_context_token_id", None)
         return out
 
     @classmethod

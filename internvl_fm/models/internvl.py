@@ -20,6 +20,7 @@ from internvl_fm.configuration_utils import ConfigBase
 from internvl_fm.loading import PretrainedMixin
 from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
 from internvl_fm.models.qllama import QLlamaForCausalLM, build_qllama_config
+from internvl_fm.processing import InternVLImageProcessor, InternVLProcessor
 
 Mode = Literal["InternVL-C", "InternVL-G"]
 MODES = ("InternVL-C", "InternVL-G")
@@ -231,10 +232,28 @@ class InternVLModel(TextTowerMixin, PretrainedMixin, nn.Module):
         self.clip_projector = AttentionPoolingBlock(vision_width, config.attn_pool_num_heads, config.clip_embed_dim)
         self.clip_projector2 = AttentionPoolingBlock(hidden, config.attn_pool_num_heads, config.clip_embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
-        self.tokenizer = None
-        self.image_processor = None
+        # the image transform and the tokenizer (attached by from_pretrained) in one object
+        self.processor = InternVLProcessor(InternVLImageProcessor(config.image_size, mode="retrieval"))
 
     # ----------------------------------------------------------------------------------------------- properties
+    @property
+    def tokenizer(self) -> Any:
+        """The InternVLTokenizer of the checkpoint (``None`` when the folder has none): ``processor.tokenizer``."""
+        return self.processor.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.processor.tokenizer = tokenizer
+
+    @property
+    def image_processor(self) -> InternVLImageProcessor:
+        """The image transform: ``processor.image_processor``."""
+        return self.processor.image_processor
+
+    @image_processor.setter
+    def image_processor(self, image_processor: InternVLImageProcessor) -> None:
+        self.processor.image_processor = image_processor
+
     @property
     def embed_dim(self) -> int:
         return self.config.clip_embed_dim
@@ -252,10 +271,7 @@ class InternVLModel(TextTowerMixin, PretrainedMixin, nn.Module):
         return self.vision_model.device
 
     def _after_load(self, folder: Path) -> None:
-        from internvl_fm.processing import InternVLImageProcessor
-
         self._attach_tokenizer(folder)
-        self.image_processor = InternVLImageProcessor(self.image_size, mode="retrieval")
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute activations in the backward pass of both towers (training memory / compute trade)."""
@@ -321,10 +337,6 @@ class InternVLModel(TextTowerMixin, PretrainedMixin, nn.Module):
         if isinstance(images, torch.Tensor):
             pixel_values = images
         else:
-            if self.image_processor is None:
-                from internvl_fm.processing import InternVLImageProcessor
-
-                self.image_processor = InternVLImageProcessor(self.image_size, mode="retrieval")
             pixel_values = self.image_processor(list(images) if not isinstance(images, (str, os.PathLike)) else [images])
         return pixel_values.to(device=self.device, dtype=self.dtype)
 

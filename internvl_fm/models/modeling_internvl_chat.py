@@ -12,7 +12,6 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from internvl_fm.configuration_utils import check_config_dict
-from internvl_fm.errors import TokenizerContractError
 from internvl_fm.loading import (atomic_write, check_model_kind, check_state_dict, load_state_dict,
                                  materialize_meta_buffers, read_config, resolve_checkpoint, resolve_dtype,
                                  save_state_dict, warn_if_slow_dtype)
@@ -29,24 +27,13 @@ from internvl_fm.models.intern_vit import InternVisionModel
 
 from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
 from internvl_fm.models.chat_llm import build_language_model, convert_llm_state_dict, export_llm_state_dict
-from internvl_fm.chat_templates import (IMG_CONTEXT_TOKEN, IMAGE_PLACEHOLDER, build_chat_query, get_template,
-                        with_image_placeholder)
+from internvl_fm.chat_templates import IMG_CONTEXT_TOKEN, IMAGE_PLACEHOLDER, get_template
+from internvl_fm.processing_internvl_chat import ChatInputs, InternVLChatProcessor
 
 __all__ = ["InternVLChatModel", "ChatInputs", "split_device_map"]
 
 _LLM_PREFIX = "language_model."
-
-
-@dataclass
-class ChatInputs:
-    """One tokenized chat turn: the question as stored in history, the full prompt, ids and the stop token."""
-
-    question: str
-    query: str
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    stop: str
-    eos_token_id: int
+_UNSET = object()
 
 
 def _pixel_shuffle(x: torch.Tensor, scale_factor: float, ps_version: str) -> torch.Tensor:
@@ -94,8 +81,12 @@ class InternVLChatModel(nn.Module):
 
     ``vision_model`` (core InternViT), ``mlp1`` (LayerNorm -> Linear -> GELU -> Linear projector) and
     ``language_model`` (a transformers ``*ForCausalLM``). Image tiles become ``num_image_token`` embeddings each,
-    spliced into the prompt at the ``<IMG_CONTEXT>`` positions. ``img_context_token_id`` is set by :meth:`chat` /
-    :meth:`batch_chat` from the tokenizer; set it by hand before calling :meth:`forward` / :meth:`generate` directly.
+    spliced into the prompt at the ``<IMG_CONTEXT>`` positions.
+
+    ``processor`` (:class:`~internvl_fm.processing_internvl_chat.InternVLChatProcessor`, built from the config and
+    ``tokenizer``) turns images, video and text into inputs; :meth:`chat`, :meth:`batch_chat` and :meth:`stream_chat`
+    use it and leave the model as it was. ``img_context_token_id`` reads the processor's ``<IMG_CONTEXT>`` id; set it
+    by hand only for a tokenizer-free checkpoint before calling :meth:`forward` / :meth:`generate` directly.
     """
 
     config_class = InternVLChatConfig
@@ -122,8 +113,8 @@ class InternVLChatModel(nn.Module):
         merged = vit_hidden * int(round(1 / self.downsample_ratio)) ** 2
         self.mlp1 = nn.Sequential(
             nn.LayerNorm(merged), nn.Linear(merged, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
-        self.img_context_token_id: int | None = None
-        self.tokenizer = None
+        self._img_context_token_id: Any = _UNSET
+        self.tokenizer = None  # also builds self.processor
         self.name_or_path: str | None = None
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -134,6 +125,33 @@ class InternVLChatModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.vision_model.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (``None`` when the folder has none); setting it rebuilds :attr:`processor`."""
+        return self.processor.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.processor = InternVLChatProcessor.from_config(self.config, tokenizer)
+
+    @property
+    def img_context_token_id(self) -> int | None:
+        """Id of ``<IMG_CONTEXT>``, where :meth:`forward` / :meth:`generate` splice the visual tokens: the processor's
+        (tokenizer, else config), unless set by hand as official scripts do (``model.img_context_token_id = ...``)."""
+        if self._img_context_token_id is _UNSET:
+            return self.processor.image_token_id
+        return self._img_context_token_id
+
+    @img_context_token_id.setter
+    def img_context_token_id(self, token_id: int | None) -> None:
+        self._img_context_token_id = token_id
+
+    def get_processor(self, tokenizer: Any = None) -> InternVLChatProcessor:
+        """:attr:`processor`, or (for another ``tokenizer``) a processor of this config with that tokenizer."""
+        if (tokenizer is None or tokenizer is self.processor.tokenizer) and self.processor.template == self.template:
+            return self.processor
+        return InternVLChatProcessor.from_config(self.config, tokenizer, template=self.template)
 
     def num_parameters(self) -> int:
         """Number of parameters (works on the meta device)."""
@@ -166,22 +184,25 @@ class InternVLChatModel(nn.Module):
         return self.mlp1(vit_embeds)
 
     # ------------------------------------------------------------------------------------------------ splice
-    def _embed_with_images(self, input_ids: torch.Tensor, vit_embeds: torch.Tensor | None) -> torch.Tensor:
+    def _embed_with_images(self, input_ids: torch.Tensor, vit_embeds: torch.Tensor | None,
+                           image_token_id: int | None = None) -> torch.Tensor:
         embeddings = self.language_model.get_input_embeddings()
         input_embeds = embeddings(input_ids.to(embeddings.weight.device))
         if vit_embeds is None:
             return input_embeds
-        if self.img_context_token_id is None:
-            raise ValueError("img_context_token_id is not set: chat()/batch_chat() set it from the tokenizer "
-                             "(tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>')); set it before forward()/generate()")
+        token_id = image_token_id if image_token_id is not None else self.img_context_token_id
+        if token_id is None:
+            raise ValueError("img_context_token_id is not set: this model has no tokenizer and its config names no "
+                             "img_context_token_id; pass image_token_id=tokenizer.convert_tokens_to_ids("
+                             "'<IMG_CONTEXT>') or set model.img_context_token_id before forward()/generate()")
         batch, seq, hidden = input_embeds.shape
         input_embeds = input_embeds.reshape(batch * seq, hidden).clone()
-        selected = input_ids.reshape(batch * seq).to(input_embeds.device) == self.img_context_token_id
+        selected = input_ids.reshape(batch * seq).to(input_embeds.device) == token_id
         vit_embeds = vit_embeds.reshape(-1, hidden).to(device=input_embeds.device, dtype=input_embeds.dtype)
         num_slots = int(selected.sum())
         if num_slots != vit_embeds.shape[0]:
             raise ValueError(
-                f"the prompt has {num_slots} {IMG_CONTEXT_TOKEN} tokens (id {self.img_context_token_id}) but the "
+                f"the prompt has {num_slots} {IMG_CONTEXT_TOKEN} tokens (id {token_id}) but the "
                 f"images give {vit_embeds.shape[0]} visual tokens ({self.num_image_token} per tile); "
                 "check num_patches_list")
         input_embeds[selected] = input_embeds[selected] * 0.0 + vit_embeds
@@ -201,13 +222,15 @@ class InternVLChatModel(nn.Module):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = True,
         cache: Any = None,
+        image_token_id: int | None = None,
     ) -> CausalLMOutputWithPast:
         """Logits (and the shifted cross-entropy loss when ``labels`` are given; ``-100`` is ignored).
 
         ``image_flags`` ``[tiles, 1]`` marks real tiles (1) and dummy tiles of text-only samples (0); default all 1.
         The KV cache may be passed as ``past_key_values`` or ``cache`` (its name from transformers 5.24 on); it is
         handed to the language model under the name its ``forward`` takes. ``return_dict=False`` returns the
-        output's tuple (``(loss, logits, ...)``, ``None`` fields left out). Unknown keyword arguments raise.
+        output's tuple (``(loss, logits, ...)``, ``None`` fields left out). ``image_token_id`` defaults to
+        :attr:`img_context_token_id`. Unknown keyword arguments raise.
         """
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the KV cache once: cache= or past_key_values=, not both")
@@ -217,7 +240,7 @@ class InternVLChatModel(nn.Module):
             vit_embeds = self.extract_feature(pixel_values)
             if image_flags is not None:
                 vit_embeds = vit_embeds[image_flags.reshape(-1).to(vit_embeds.device) == 1]
-        input_embeds = self._embed_with_images(input_ids, vit_embeds)
+        input_embeds = self._embed_with_images(input_ids, vit_embeds, image_token_id)
         outputs = self.language_model(
             inputs_embeds=input_embeds, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -242,11 +265,13 @@ class InternVLChatModel(nn.Module):
         visual_features: torch.Tensor | None = None,
         generation_config: Any = None,
         output_hidden_states: bool | None = None,
+        image_token_id: int | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Generate from a prompt with images; returns only the NEW token ids ``[batch, new_tokens]``.
 
-        ``visual_features`` (output of :meth:`extract_feature`) skips the vision tower. Other keyword arguments go to
+        ``visual_features`` (output of :meth:`extract_feature`) skips the vision tower; ``image_token_id`` defaults
+        to :attr:`img_context_token_id`. Other keyword arguments go to
         the language model's ``generate`` (``max_new_tokens``, ``do_sample``, ``eos_token_id``, ``streamer``...).
         """
         if input_ids is None:
@@ -254,7 +279,7 @@ class InternVLChatModel(nn.Module):
         vit_embeds = None
         if pixel_values is not None or visual_features is not None:
             vit_embeds = visual_features if visual_features is not None else self.extract_feature(pixel_values)
-        input_embeds = self._embed_with_images(input_ids, vit_embeds)
+        input_embeds = self._embed_with_images(input_ids, vit_embeds, image_token_id)
         if attention_mask is not None:
             attention_mask = attention_mask.to(input_embeds.device)
         generate_kwargs.setdefault("use_cache", True)
@@ -263,27 +288,9 @@ class InternVLChatModel(nn.Module):
             output_hidden_states=output_hidden_states, **generate_kwargs)
 
     # ------------------------------------------------------------------------------------------------ chat
-    def _stop_token(self, tokenizer) -> tuple[str, int]:
-        stop = get_template(self.template).stop_token
-        token_id = tokenizer.convert_tokens_to_ids(stop)
-        if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
-            raise TokenizerContractError(f"the tokenizer has no {stop!r} token, which template {self.template!r} "
-                                         "ends turns with")
-        return stop, token_id
-
-    def _set_img_context_token(self, tokenizer, required: bool = True) -> None:
-        token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-        if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
-            if required:
-                raise TokenizerContractError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token (add the InternVL "
-                                             "special tokens)")
-            return
-        self.img_context_token_id = token_id
-
     def decode_response(self, tokenizer, output_ids: torch.Tensor, stop: str) -> list[str]:
         """Decode generated ids like the official chat(): skip special tokens, cut at the stop string, strip."""
-        texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-        return [t.split(stop)[0].strip() for t in texts]
+        return self.get_processor(tokenizer).decode(output_ids, stop)
 
     def prepare_chat_inputs(
         self,
@@ -292,25 +299,20 @@ class InternVLChatModel(nn.Module):
         question: str,
         history: Sequence[tuple[str, str]] | None = None,
         num_patches_list: Sequence[int] | None = None,
+        system_message: str | None = None,
     ) -> ChatInputs:
-        """Build the prompt of one chat turn exactly as the official ``chat()`` and tokenize it.
+        """The prompt of one chat turn, built exactly as the official ``chat()`` and tokenized (ids on the model's
+        device). ``system_message=None`` uses :attr:`system_message`. See :meth:`chat` for the placeholder rules."""
+        inputs = self.get_processor(tokenizer)(
+            question, pixel_values=pixel_values, num_patches_list=num_patches_list, history=history,
+            system_message=system_message if system_message is not None else self.system_message)
+        return inputs.to(self.device)
 
-        Also sets ``img_context_token_id`` from the tokenizer. See :meth:`chat` for the placeholder rules.
-        """
-        if num_patches_list is None:
-            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
-        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
-            raise ValueError(f"num_patches_list {list(num_patches_list)} sums to {sum(num_patches_list)} but "
-                             f"pixel_values has {pixel_values.shape[0]} tiles")
-        question = with_image_placeholder(question, has_images=pixel_values is not None, history=history)
-        self._set_img_context_token(tokenizer, required=pixel_values is not None)
-        stop, eos_token_id = self._stop_token(tokenizer)
-        query = build_chat_query(question, self.template, num_patches_list if pixel_values is not None else [],
-                                 self.num_image_token, history=list(history or []), system=self.system_message)
-        model_inputs = tokenizer(query, return_tensors="pt")
-        return ChatInputs(question=question, query=query, input_ids=model_inputs["input_ids"].to(self.device),
-                          attention_mask=model_inputs["attention_mask"].to(self.device), stop=stop,
-                          eos_token_id=eos_token_id)
+    def _generate_answer(self, inputs: ChatInputs, pixel_values: torch.Tensor | None,
+                         generation_config: dict[str, Any]) -> torch.Tensor:
+        return self.generate(pixel_values=pixel_values, input_ids=inputs.input_ids,
+                             attention_mask=inputs.attention_mask, image_token_id=inputs.image_token_id,
+                             **{**generation_config, "eos_token_id": inputs.eos_token_id})
 
     def chat(
         self,
@@ -322,18 +324,18 @@ class InternVLChatModel(nn.Module):
         return_history: bool = False,
         num_patches_list: Sequence[int] | None = None,
         verbose: bool = False,
+        system_message: str | None = None,
     ) -> str | tuple[str, list[tuple[str, str]]]:
         """One chat turn, as the official ``chat()``.
 
         Without history and without ``<image>`` in the question, ``"<image>\\n"`` is prepended when images are given;
         every ``<image>`` (earlier turns included) is expanded in order with the tile counts of ``num_patches_list``
         (default: all tiles are one image). A ``streamer`` in ``generation_config`` receives the tokens as they are
-        generated (see also :meth:`stream_chat`).
+        generated (see also :meth:`stream_chat`). ``system_message`` replaces :attr:`system_message` for this call.
         """
-        inputs = self.prepare_chat_inputs(tokenizer, pixel_values, question, history, num_patches_list)
-        output_ids = self.generate(pixel_values=pixel_values, input_ids=inputs.input_ids,
-                                   attention_mask=inputs.attention_mask,
-                                   **{**generation_config, "eos_token_id": inputs.eos_token_id})
+        inputs = self.prepare_chat_inputs(tokenizer, pixel_values, question, history, num_patches_list,
+                                          system_message)
+        output_ids = self._generate_answer(inputs, pixel_values, generation_config)
         response = self.decode_response(tokenizer, output_ids, inputs.stop)[0]
         history = [*(history or []), (inputs.question, response)]
         if verbose:
@@ -351,43 +353,22 @@ class InternVLChatModel(nn.Module):
         history: Any = None,
         return_history: bool = False,
         image_counts: Sequence[int] | None = None,
+        system_message: str | None = None,
     ) -> list[str]:
         """Single-turn answers for several questions at once (one image per question, left-padded batch).
 
-        ``num_patches_list[i]`` tiles of ``pixel_values`` belong to question ``i``. The tokenizer's padding side is
-        restored afterwards (the official code leaves it at ``"left"``).
+        ``num_patches_list[i]`` tiles of ``pixel_values`` belong to question ``i``. The tokenizer is left as it was
+        (the official code leaves its padding side at ``"left"``).
         """
         if history is not None or return_history:
             raise NotImplementedError("batch_chat() answers single-turn questions; use chat() for multi-turn history")
         if image_counts is not None:
             num_patches_list = image_counts
-        if num_patches_list is None:
-            if pixel_values is not None and pixel_values.shape[0] != len(questions):
-                raise ValueError("pass num_patches_list: pixel_values tiles do not map one-to-one to questions")
-            num_patches_list = [1] * len(questions) if pixel_values is not None else [0] * len(questions)
-        if len(num_patches_list) != len(questions):
-            raise ValueError(f"{len(questions)} questions but {len(num_patches_list)} entries in num_patches_list")
-        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
-            raise ValueError(f"num_patches_list sums to {sum(num_patches_list)} but pixel_values has "
-                             f"{pixel_values.shape[0]} tiles")
-        self._set_img_context_token(tokenizer, required=pixel_values is not None)
-        stop, eos_token_id = self._stop_token(tokenizer)
-        queries = []
-        for question, num_patches in zip(questions, num_patches_list):
-            question = with_image_placeholder(question, has_images=pixel_values is not None, history=None)
-            patches = [num_patches] if pixel_values is not None else []
-            queries.append(build_chat_query(question, self.template, patches, self.num_image_token,
-                                            system=self.system_message))
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            model_inputs = tokenizer(queries, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = padding_side
-        gen_kwargs = {**generation_config, "eos_token_id": eos_token_id}
-        output_ids = self.generate(pixel_values=pixel_values, input_ids=model_inputs["input_ids"].to(self.device),
-                                   attention_mask=model_inputs["attention_mask"].to(self.device), **gen_kwargs)
-        return self.decode_response(tokenizer, output_ids, stop)
+        inputs = self.get_processor(tokenizer).batch(
+            questions, pixel_values, num_patches_list,
+            system_message=system_message if system_message is not None else self.system_message).to(self.device)
+        output_ids = self._generate_answer(inputs, pixel_values, generation_config)
+        return self.decode_response(tokenizer, output_ids, inputs.stop)
 
     def stream_chat(
         self,
@@ -398,9 +379,11 @@ class InternVLChatModel(nn.Module):
         history: list[tuple[str, str]] | None = None,
         num_patches_list: Sequence[int] | None = None,
         timeout: float | None = None,
+        system_message: str | None = None,
     ) -> Iterator[str]:
         """Like :meth:`chat` but yields the answer piece by piece; ``"".join(pieces) == chat(...)``."""
-        inputs = self.prepare_chat_inputs(tokenizer, pixel_values, question, history, num_patches_list)
+        inputs = self.prepare_chat_inputs(tokenizer, pixel_values, question, history, num_patches_list,
+                                          system_message)
         yield from self.stream_generate(tokenizer, pixel_values, inputs, generation_config, timeout=timeout)
 
     def stream_generate(
@@ -424,9 +407,7 @@ class InternVLChatModel(nn.Module):
 
         def run() -> None:
             try:
-                output_ids = self.generate(pixel_values=pixel_values, input_ids=inputs.input_ids,
-                                           attention_mask=inputs.attention_mask, streamer=streamer,
-                                           **{**generation_config, "eos_token_id": inputs.eos_token_id})
+                output_ids = self._generate_answer(inputs, pixel_values, {**generation_config, "streamer": streamer})
                 if on_finish is not None:
                     on_finish(output_ids)
             except BaseException as exc:  # surfaced to the consumer below
