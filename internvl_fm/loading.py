@@ -329,10 +329,17 @@ def materialize_meta_buffers(model: nn.Module, device: torch.device | str) -> No
 
 
 class PretrainedMixin:
-    """`from_pretrained` / `save_pretrained` for nn.Modules with a `config_class` dataclass.
+    """`from_pretrained` / `save_pretrained` for every internvl-fm model (nn.Modules with a `config_class`).
 
-    Subclasses may set `checkpoint_prefixes` (prefixes under which their weights may be stored in a bigger
-    checkpoint, tried in order), `ignore_on_load` (regexes of stored keys to drop) and override `_tied_weights()`.
+    Loading: resolve the folder or hub id, read and check config.json (`check_config_dict`, `check_model_kind`),
+    build the model on the meta device, read only the tensors it needs, convert them from the checkpoint's layout
+    (`convert_checkpoint_state_dict`), assign them without a copy, then place the model (`device`, or
+    `device_map` through accelerate) and attach what travels with it (`_after_load`: tokenizer, processor).
+    Saving writes the official layout (`checkpoint_state_dict`, the inverse conversion).
+
+    Subclasses set `config_class`, `accepted_architectures`, `model_kind`, and may set `checkpoint_prefixes`
+    (prefixes under which their weights may sit in a bigger checkpoint, tried in order) and `ignore_on_load`
+    (regexes of stored keys to drop); they override the layout hooks below where their layout differs.
     """
 
     config_class: type = None  # type: ignore[assignment]
@@ -341,12 +348,45 @@ class PretrainedMixin:
     checkpoint_prefixes: tuple[str, ...] = ("",)
     ignore_on_load: tuple[str, ...] = (r"rotary_emb\.inv_freq$",)
 
+    # ---------------------------------------------------------------------------------------------- layout hooks
+    def convert_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint keys (official layout) -> this module's keys. Identity unless the layouts differ."""
+        return state
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """This module's weights under the checkpoint keys (the inverse of `convert_checkpoint_state_dict`)."""
+        return self.state_dict()
+
     def _tied_weights(self) -> dict[str, str]:
         """target key -> source key for weights shared with another (filled in when absent from the checkpoint)."""
         return {}
 
-    def _after_load(self, folder: Path) -> None:
+    def _after_load(self, folder: Path, load_tokenizer: bool) -> None:
         """Hook run after the weights are in place (attach tokenizer / processor...)."""
+
+    def _quantize(self, quantization: str, device: torch.device) -> None:
+        """Hook: replace layers by quantised ones before the model is moved to `device`."""
+        raise ValueError(f"{type(self).__name__} does not support quantization={quantization!r}")
+
+    def _auto_device_map(self) -> dict[str, Any]:
+        """The module -> device map that `device_map="auto"` means for this model."""
+        from accelerate import infer_auto_device_map
+
+        return infer_auto_device_map(self)
+
+    def _save_extra(self, folder: Path) -> None:
+        """Hook run before config.json is written: extra files (generation_config.json...), config updates."""
+
+    # ---------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def config_from_checkpoint(cls, path: str | os.PathLike) -> Any:
+        """The checked config of a checkpoint folder or hub id (ConfigError / ModelKindError name the problem)."""
+        from internvl_fm.configuration_utils import check_config_dict
+
+        data = read_config(resolve_checkpoint(path))
+        check_config_dict(data, str(path))
+        check_model_kind(path, data, cls.accepted_architectures, cls.model_kind)
+        return cls.config_class.from_dict(data)
 
     @classmethod
     def _select_keys(cls, model: nn.Module, stored: list[str]) -> tuple[str, list[str]]:
@@ -359,30 +399,49 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str | None = None, config: Any = None, **kwargs: Any):
-        """Load a checkpoint folder or hub id. `dtype=None` keeps the stored dtype; `device` defaults to CPU."""
-        folder = resolve_checkpoint(path)
-        if config is None:
-            from internvl_fm.configuration_utils import check_config_dict
+                        device: torch.device | str | None = None, config: Any = None,
+                        device_map: str | dict[str, Any] | None = None, quantization: str | None = None,
+                        load_tokenizer: bool = True):
+        """Load a checkpoint folder or hub id.
 
-            data = read_config(folder)
-            check_config_dict(data, str(path))
-            check_model_kind(path, data, cls.accepted_architectures, cls.model_kind)
-            config = cls.config_class.from_dict(data)
+        `dtype=None` keeps the stored dtype; `device` defaults to CPU; `device_map` ("auto" or module -> device,
+        needs accelerate) spreads the model over several devices instead; `quantization` names a scheme the model
+        supports; `load_tokenizer=False` skips the tokenizer files.
+        """
+        folder = resolve_checkpoint(path)
+        config = config if config is not None else cls.config_from_checkpoint(folder)
         dtype = resolve_dtype(dtype)
-        device = torch.device(device or "cpu")
-        warn_if_slow_dtype(dtype, device)
+        device = torch.device(device or ("cuda" if quantization == "bnb-int8" else "cpu"))
+        if device_map is None:
+            warn_if_slow_dtype(dtype, device)
         with torch.device("meta"):
-            model = cls(config, **kwargs)
+            model = cls(config)
         files = WeightFiles(folder)
         prefix, keys = cls._select_keys(model, files.keys())
         state = {k[len(prefix):]: v for k, v in files.load(keys, dtype).items()}
-        model.load_converted_state_dict(state)
-        model.to(device)
-        materialize_meta_buffers(model, device)
-        model._after_load(folder)
+        model.load_converted_state_dict(model.convert_checkpoint_state_dict(state))
+        if device_map is not None:
+            materialize_meta_buffers(model, torch.device("cpu"))
+            model._dispatch(device_map)
+        else:
+            materialize_meta_buffers(model, device)
+            if quantization is not None:
+                model._quantize(quantization, device)
+            model.to(device)
+        model._after_load(folder, load_tokenizer)
         model.name_or_path = str(path)
         return model.eval()
+
+    def _dispatch(self, device_map: str | dict[str, Any]) -> None:
+        try:
+            from accelerate import dispatch_model
+        except ImportError as exc:
+            raise ImportError("device_map needs the accelerate package: pip install 'internvl-fm[gpu]'") from exc
+        if device_map in ("auto", "split"):
+            device_map = self._auto_device_map()
+        elif not isinstance(device_map, dict):
+            raise ValueError(f"device_map must be 'auto' or a dict of module name -> device, got {device_map!r}")
+        dispatch_model(self, device_map=device_map)
 
     def load_converted_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Check keys/shapes and assign the tensors (no copy), tying shared weights."""
@@ -396,13 +455,15 @@ class PretrainedMixin:
         for target, source in self._tied_weights().items():
             _set_param(self, target, _get_param(self, source))
 
+    # ---------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
         """Write config.json + safetensors weights in the official layout (and the tokenizer, if attached)."""
         folder = Path(folder)
-        config = self.config
-        config.extra["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
-        config.save_pretrained(folder)
-        save_state_dict(self.state_dict(), folder, max_shard_bytes=max_shard_bytes)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.extra["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        self._save_extra(folder)
+        self.config.save_pretrained(folder)
+        save_state_dict(self.checkpoint_state_dict(), folder, max_shard_bytes=max_shard_bytes)
         tokenizer = getattr(self, "tokenizer", None)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(folder)

@@ -200,10 +200,12 @@ class TextTowerMixin:
                                     attention_mask=keep(out.attention_mask))
         return out
 
-    def _attach_tokenizer(self, folder: Path) -> None:
+    def _after_load(self, folder: Path, load_tokenizer: bool) -> None:
+        """Attach the tokenizer stored with the checkpoint (None when it has none or it is not wanted)."""
         from internvl_fm.tokenization import InternVLTokenizer, has_tokenizer_files
 
-        self.tokenizer = InternVLTokenizer.from_pretrained(folder) if has_tokenizer_files(folder) else None
+        wanted = load_tokenizer and has_tokenizer_files(folder)
+        self.tokenizer = InternVLTokenizer.from_pretrained(folder) if wanted else None
 
 
 def _check_mode(mode: str) -> None:
@@ -269,9 +271,6 @@ class InternVLModel(TextTowerMixin, PretrainedMixin, nn.Module):
     @property
     def device(self) -> torch.device:
         return self.vision_model.device
-
-    def _after_load(self, folder: Path) -> None:
-        self._attach_tokenizer(folder)
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute activations in the backward pass of both towers (training memory / compute trade)."""
@@ -370,9 +369,6 @@ class InternVLTextModel(TextTowerMixin, PretrainedMixin, nn.Module):
     @classmethod
     def _select_keys(cls, model: nn.Module, stored: list[str]) -> tuple[str, list[str]]:
         return "", [k for k in stored if k.startswith("qllama.") or k == "text_projection"]
-
-    def _after_load(self, folder: Path) -> None:
-        self._attach_tokenizer(folder)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextEncoderOutput:
         """Token states [B, T, H], pooled projected EOS embedding [B, D] and the mask."""

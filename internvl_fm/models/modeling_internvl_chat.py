@@ -19,10 +19,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from internvl_fm.configuration_utils import check_config_dict
-from internvl_fm.loading import (atomic_write, check_model_kind, check_state_dict, load_state_dict,
-                                 materialize_meta_buffers, read_config, resolve_checkpoint, resolve_dtype,
-                                 save_state_dict, warn_if_slow_dtype)
+from internvl_fm.loading import PretrainedMixin, atomic_write
 from internvl_fm.models.intern_vit import InternVisionModel
 
 from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
@@ -76,7 +73,7 @@ def split_device_map(num_llm_layers: int, num_gpus: int | None = None) -> dict[s
     return device_map
 
 
-class InternVLChatModel(nn.Module):
+class InternVLChatModel(PretrainedMixin, nn.Module):
     """InternVL-Chat multimodal LLM (InternVL 1.5 / 2 / 2.5, Mini-InternVL).
 
     ``vision_model`` (core InternViT), ``mlp1`` (LayerNorm -> Linear -> GELU -> Linear projector) and
@@ -90,6 +87,8 @@ class InternVLChatModel(nn.Module):
     """
 
     config_class = InternVLChatConfig
+    accepted_architectures = ("InternVLChatModel",)
+    model_kind = "an InternVL-Chat model"
 
     def __init__(self, config: InternVLChatConfig, vision_model: nn.Module | None = None,
                  language_model: nn.Module | None = None):
@@ -422,7 +421,7 @@ class InternVLChatModel(nn.Module):
             raise failure[0]
 
     # ------------------------------------------------------------------------------------------------ weights
-    def official_state_dict(self) -> dict[str, torch.Tensor]:
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict with the official checkpoint key names (InternLM2 LLMs fused back into ``wqkv``)."""
         state = self.state_dict()
         llm = {k[len(_LLM_PREFIX):]: v for k, v in state.items() if k.startswith(_LLM_PREFIX)}
@@ -430,18 +429,14 @@ class InternVLChatModel(nn.Module):
         out.update({_LLM_PREFIX + k: v for k, v in export_llm_state_dict(llm, self.config.llm_config).items()})
         return out
 
-    def convert_official_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Official checkpoint keys -> this module's keys (the inverse of :meth:`official_state_dict`)."""
+    official_state_dict = checkpoint_state_dict  # the name earlier releases used
+
+    def convert_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Official checkpoint keys -> this module's keys (InternLM2 LLMs converted to the Llama layout)."""
         llm = {k[len(_LLM_PREFIX):]: v for k, v in state.items() if k.startswith(_LLM_PREFIX)}
         out = {k: v for k, v in state.items() if not k.startswith(_LLM_PREFIX)}
         out.update({_LLM_PREFIX + k: v for k, v in convert_llm_state_dict(llm, self.config.llm_config).items()})
         return out
-
-    def load_official_state_dict(self, state: dict[str, torch.Tensor], assign: bool = False) -> None:
-        """Load official-layout weights; missing / unexpected / mis-shaped keys raise ``WeightLoadingError``."""
-        state = self.convert_official_state_dict(state)
-        check_state_dict(self, state)
-        self.load_state_dict(state, strict=True, assign=assign)
 
     @classmethod
     def from_pretrained(
@@ -464,48 +459,26 @@ class InternVLChatModel(nn.Module):
         """
         if load_in_8bit:
             _check_8bit_support(device)
-        folder = resolve_checkpoint(path)  # CheckpointNotFoundError (one line) for a missing folder / hub id
-        if config is None:
-            data = read_config(folder)
-            check_config_dict(data, str(path))  # transformers '-hf' folders and absurd sizes: ConfigError
-            check_model_kind(path, data, ("InternVLChatModel",), "an InternVL-Chat model")
-            config = InternVLChatConfig.from_dict(data)
+        config = config if config is not None else cls.config_from_checkpoint(path)
         config.llm_config._attn_implementation = attn_implementation
-        dtype = resolve_dtype(dtype)
-        target = torch.device(device or ("cuda" if load_in_8bit else "cpu"))
-        if device_map is None:
-            warn_if_slow_dtype(dtype, target)
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_official_state_dict(load_state_dict(folder, dtype=dtype), assign=True)
-        if device_map is not None:
-            materialize_meta_buffers(model, torch.device("cpu"))
-            model._dispatch(device_map)
-        else:
-            materialize_meta_buffers(model, target)
-            if load_in_8bit:
-                model._quantize_8bit(target)
-            model.to(target)
-        model.name_or_path = str(path)
+        return super().from_pretrained(path, dtype=dtype, device=device, config=config, device_map=device_map,
+                                       quantization="bnb-int8" if load_in_8bit else None,
+                                       load_tokenizer=load_tokenizer)
+
+    def _after_load(self, folder: Path, load_tokenizer: bool) -> None:
         if load_tokenizer:
             from internvl_fm.tokenization_internvl_chat import find_tokenizer
 
-            model.tokenizer = find_tokenizer(folder)
-        return model.eval()
+            self.tokenizer = find_tokenizer(folder)
 
-    def _dispatch(self, device_map: str | dict[str, Any]) -> None:
-        try:
-            from accelerate import dispatch_model
-        except ImportError as exc:
-            raise ImportError("device_map needs the accelerate package: pip install 'internvl-fm[gpu]'") from exc
-        if device_map in ("auto", "split"):
-            device_map = split_device_map(self.config.llm_config.num_hidden_layers)
-        elif not isinstance(device_map, dict):
-            raise ValueError(f"device_map must be 'auto' or a dict of module name -> device, got {device_map!r}")
-        dispatch_model(self, device_map=device_map)
+    def _auto_device_map(self) -> dict[str, Any]:
+        return split_device_map(self.config.llm_config.num_hidden_layers)
 
-    def _quantize_8bit(self, device: torch.device) -> None:
-        """Swap the LLM decoder's ``nn.Linear`` layers for bitsandbytes int8 layers (quantised on ``.to(cuda)``)."""
+    def _quantize(self, quantization: str, device: torch.device) -> None:
+        """``bnb-int8``: swap the LLM decoder's ``nn.Linear`` layers for bitsandbytes int8 layers (quantised on
+        ``.to(cuda)``)."""
+        if quantization != "bnb-int8":
+            super()._quantize(quantization, device)
         _check_8bit_support(device)
         import bitsandbytes as bnb
 
@@ -521,21 +494,12 @@ class InternVLChatModel(nn.Module):
                         layer.bias = nn.Parameter(child.bias.data.to(torch.float16), requires_grad=False)
                     setattr(parent, name, layer)
 
-    def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> Path:
-        """Write ``config.json``, ``generation_config.json`` and safetensors weights in the official layout."""
+    def _save_extra(self, folder: Path) -> None:
         import json
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config.extra["torch_dtype"] = str(self.dtype).removeprefix("torch.")
         self.config.llm_config.dtype = self.dtype
-        self.config.save_pretrained(folder)
         with atomic_write(folder / "generation_config.json") as tmp:
             Path(tmp).write_text(json.dumps({"_from_model_config": True}, indent=2) + "\n")
-        save_state_dict(self.official_state_dict(), folder, max_shard_bytes=max_shard_bytes)
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(folder)
-        return folder
 
 
 # transformers >= 5.24 names the KV cache `cache` (in forward arguments and in model outputs), older releases
