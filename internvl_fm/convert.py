@@ -37,27 +37,3 @@ def vision_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
                 break
         out[key] = value
     return out
-
-
-def vision_from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers `InternVLVisionModel` keys -> official InternViT keys (q/k/v fused back into qkv)."""
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        match = re.match(r"^encoder\.layer\.(\d+)\.attention\.(q_proj|k_proj|v_proj)\.(weight|bias)$", key)
-        if match:
-            layer, name, kind = match.groups()
-            pending.setdefault((layer, kind), {})[name] = value
-            continue
-        for pattern, repl in _RENAMES:
-            target = repl.replace(r"\1", "{}")
-            regex = "^" + re.escape(target).replace(r"\{\}", r"(\d+)")
-            found = re.match(regex, key)
-            if found:
-                original = pattern.strip("^$").replace(r"\.", ".").replace(r"(\d+)", "{}").format(*found.groups())
-                key = original + key[found.end():]
-                break
-        out[key] = value
-    for (layer, kind), parts in pending.items():
-        out[f"encoder.layers.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
-    return out
