@@ -22,3 +22,7 @@ class TemplateError(ClassificationError):
 
 class FeatureDimError(ClassificationError):
     """Features whose width (or count) does not match what a head, cache or classifier expects."""
+
+
+class MissingDependencyError(InternVLError, ImportError):
+    """An optional dependency a requested feature needs is not installed (names the feature and the extra)."""

@@ -19,7 +19,7 @@ import torch
 
 from internvl_fm.loading import atomic_write
 
-from .errors import FeatureDimError
+from .errors import FeatureDimError, MissingDependencyError
 
 
 @dataclass
@@ -94,6 +94,15 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
     return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": recall}
 
 
+def require_matplotlib() -> None:
+    """Raise `MissingDependencyError` unless matplotlib imports (call it before work whose output needs it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("drawing a confusion matrix needs matplotlib: pip install matplotlib "
+                                     "(or the extra: pip install 'internvl-fm[eval]')") from None
+
+
 def save_confusion_matrix_png(
     cm: torch.Tensor,
     path: str | os.PathLike,
@@ -108,6 +117,7 @@ def save_confusion_matrix_png(
     Tick labels are shown when there are at most `max_labeled_classes` classes (ImageNet's 1000 would be
     unreadable), the image is drawn either way.
     """
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -15,6 +15,7 @@ from internvl_fm.processing import load_image
 
 from .errors import ClassificationError
 
+DATASET_FILE_SUFFIXES = (".parquet", ".csv", ".json", ".jsonl")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -91,8 +92,16 @@ def load_dataset_source(source: str | os.PathLike, *, split: str = "test", image
     path = Path(source)
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
         return ImageFolderDataset(path)
-    import datasets
+    text = str(source)
+    if not path.exists() and (text.startswith((".", "/", "~")) or path.suffix.lower() in DATASET_FILE_SUFFIXES):
+        raise ClassificationError(f"dataset not found: {text}")
+    try:
+        import datasets
+    except ImportError:
+        from .errors import MissingDependencyError
 
+        raise MissingDependencyError(f"reading {text} needs the datasets package: pip install 'internvl-fm[data]' "
+                                     "(an image folder with one sub-folder per class needs nothing)") from None
     if path.is_dir():
         table = datasets.load_from_disk(str(path))
         if isinstance(table, datasets.DatasetDict):
@@ -105,7 +114,12 @@ def load_dataset_source(source: str | os.PathLike, *, split: str = "test", image
             raise ClassificationError(f"cannot read dataset file {path}: use .parquet, .csv, .json or .jsonl")
         table = datasets.load_dataset(kind, data_files=str(path), split="train")
     else:
-        table = datasets.load_dataset(str(source), split=split)
+        try:
+            table = datasets.load_dataset(text, split=split)
+        except Exception as exc:  # offline, unknown name, gated, missing split...
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ClassificationError(f"{text!r} is not a local folder or file and could not be loaded as a hub "
+                                      f"dataset ({type(exc).__name__}: {reason})") from None
     return TableDataset(table, image_column=image_column, label_column=label_column)
 
 

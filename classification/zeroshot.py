@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,11 +37,13 @@ Padding = Literal["dynamic", "max_length"]
 
 @dataclass
 class ZeroShotPrediction:
-    """The `top_k` labels of one image (or clip), best first, with their softmax probabilities over all classes."""
+    """The `top_k` labels of one image (or clip), best first, with their softmax probabilities over all classes and
+    the raw cosine similarities (image . class embedding; the only informative score when there is one class)."""
 
     labels: list[str]
     probs: list[float]
     indices: list[int]
+    cosines: list[float] = field(default_factory=list)
 
     def __iter__(self):
         return iter(zip(self.labels, self.probs))
@@ -259,16 +261,17 @@ class ZeroShotClassifier(nn.Module):
         """Softmax over all classes [N, C]."""
         return self.forward(images).softmax(dim=-1)
 
-    def _top(self, probs: torch.Tensor, top_k: int) -> list[ZeroShotPrediction]:
+    def _top(self, logits: torch.Tensor, top_k: int) -> list[ZeroShotPrediction]:
         if top_k < 1:
             raise ClassificationError(f"top_k must be >= 1, got {top_k}")
-        values, indices = probs.topk(min(top_k, self.num_classes), dim=-1)
-        return [ZeroShotPrediction([self.classnames[i] for i in idx.tolist()], val.tolist(), idx.tolist())
-                for val, idx in zip(values, indices)]
+        values, indices = logits.softmax(dim=-1).topk(min(top_k, self.num_classes), dim=-1)
+        cosines = logits.gather(-1, indices) / ZEROSHOT_LOGIT_SCALE
+        return [ZeroShotPrediction([self.classnames[i] for i in idx.tolist()], val.tolist(), idx.tolist(),
+                                   cos.tolist()) for val, idx, cos in zip(values, indices, cosines)]
 
     def predict(self, images: Any, top_k: int = 5) -> list[ZeroShotPrediction]:
         """The `top_k` labels and probabilities of each image, best first."""
-        return self._top(self.predict_proba(images), top_k)
+        return self._top(self.forward(images), top_k)
 
     # --------------------------------------------------------------------------------------------------- video
     @torch.no_grad()
@@ -281,8 +284,7 @@ class ZeroShotClassifier(nn.Module):
 
     def predict_video(self, video: Any, num_frames: int = 8, top_k: int = 5) -> ZeroShotPrediction:
         """Top-k labels of a clip from the average of its sampled frame embeddings."""
-        probs = self.logits(self.embed_video(video, num_frames)[None]).softmax(dim=-1)
-        return self._top(probs, top_k)[0]
+        return self._top(self.logits(self.embed_video(video, num_frames)[None]), top_k)[0]
 
 
 @torch.no_grad()

@@ -24,7 +24,12 @@ class CLIError(InternVLError):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults in --help and keeps the description's line breaks."""
+    """Shows defaults in --help (not the empty ones: None, False, required options) and keeps line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def new_parser(prog: str, description: str | None = None, **kwargs) -> argparse.ArgumentParser:

@@ -43,6 +43,8 @@ MODEL_KINDS: dict[str, tuple[str, str]] = {
     "InternVLModel": ("an InternVL-C/G model (InternVL-14B-224px layout)",
                       "InternVLModel, `internvl-fm classify`, `index build`, `search` or `eval`"),
     "InternVLChatModel": ("an InternVL-Chat MLLM", "InternVLChatModel, `internvl-fm chat` or `serve-chat`"),
+    "InternViTSegmentationModel": ("an InternViT segmentation model",
+                                   "SegmentationModel, `internvl-fm segment` or `seg-eval`"),
 }
 
 _UMASK = os.umask(0)

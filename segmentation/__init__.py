@@ -9,7 +9,8 @@ from .data import (ADE20K_CLASSES, EvalTransform, ResumableSampler, Segmentation
 from .errors import (CropSizeError, LabelOutOfRangeError, MaskSizeMismatchError, SegmentationConfigError,
                      SegmentationDataError, SegmentationError)
 from .heads import FCNHead, LinearHead, UperNetHead, convert_hf_upernet_state_dict, segmentation_loss
-from .infer import colorize, evaluate, overlay, predict_logits, segment_image, slide_inference, whole_inference
+from .infer import (colorize, default_stride, evaluate, overlay, predict_logits, segment_image, slide_inference,
+                    whole_inference)
 from .metrics import ConfusionMeter, SegmentationMetrics, confusion_matrix, metrics_from_confusion
 from .modeling import SegmentationConfig, SegmentationModel, SegmentationOutput, convert_official_state_dict
 from .synthetic import make_shapes_dataset
@@ -21,7 +22,7 @@ __all__ = [
     "SegmentationConfig", "SegmentationConfigError", "SegmentationDataError", "SegmentationDataset",
     "SegmentationError", "SegmentationMetrics", "SegmentationModel", "SegmentationOutput", "TrainConfig",
     "TrainResult", "TrainTransform", "UperNetHead", "colorize", "confusion_matrix", "convert_hf_upernet_state_dict",
-    "convert_official_state_dict", "default_palette", "evaluate", "load_train_config", "make_shapes_dataset",
-    "metrics_from_confusion", "overlay", "predict_logits", "read_image", "read_mask", "segment_image",
-    "segmentation_loss", "slide_inference", "train", "whole_inference",
+    "convert_official_state_dict", "default_palette", "default_stride", "evaluate", "load_train_config",
+    "make_shapes_dataset", "metrics_from_confusion", "overlay", "predict_logits", "read_image", "read_mask",
+    "segment_image", "segmentation_loss", "slide_inference", "train", "whole_inference",
 ]

@@ -4,16 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
+from internvl_fm.cli_utils import DEVICE_HELP, CLIError, new_parser, resolve_device
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+MODEL_HELP = "a trained segmentation model folder (e.g. WORK_DIR/final, written by seg-train)"
 
 
 def _save_png(image, path: Path) -> None:
@@ -40,37 +35,38 @@ def mask_image(mask, palette: list[list[int]] | None, num_classes: int):
 
 
 def segment_main(argv: list[str]) -> int:
-    """Segment images with a trained checkpoint: writes <stem>_mask.png (class ids) and <stem>_overlay.png."""
-    parser = argparse.ArgumentParser(prog="internvl-fm segment", description=segment_main.__doc__)
-    parser.add_argument("images", nargs="+", help="image file(s)")
-    parser.add_argument("--checkpoint", required=True, help="a trained segmentation model folder (e.g. WORK/final)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--mode", choices=("slide", "whole"), default="slide")
-    parser.add_argument("--crop", type=int, default=None, help="sliding-window / resize size (default: training crop)")
-    parser.add_argument("--stride", type=int, default=322, help="sliding-window stride (default 322)")
+    """Segment images with a trained model: writes OUTPUT/<stem>_mask.png (class ids) and <stem>_overlay.png."""
+    parser = new_parser("internvl-fm segment", segment_main.__doc__)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s)")
+    parser.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
+    parser.add_argument("--output", "--out", dest="output", required=True, help="output folder")
+    parser.add_argument("--mode", choices=("slide", "whole"), default="slide",
+                        help="slide: overlapping crop windows, logits averaged; whole: one pass over the image")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="sliding-window / resize size; if not given: the model's training crop")
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride; if not given: 2/3 of the crop")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the mask colours in the overlay")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
 
-    from internvl_fm.errors import InternVLError
+    from PIL import Image
 
     from .data import read_image
     from .infer import overlay, segment_image
     from .modeling import SegmentationModel
 
-    model = SegmentationModel.from_pretrained(args.checkpoint, device=_device(args.device))
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:
+        raise CLIError(f"image file(s) not found: {', '.join(missing)}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output {out} is a file, not a folder")
+    model = SegmentationModel.from_pretrained(args.model, device=resolve_device(args.device))
     config = model.config
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path in args.images:
-        try:
-            image = read_image(path)
-            mask = segment_image(model, image, mode=args.mode, crop_size=args.crop, stride=args.stride)
-        except InternVLError as exc:
-            print(f"internvl-fm segment: {exc}", file=sys.stderr)
-            return 1
-        from PIL import Image
-
+        image = read_image(path)
+        mask = segment_image(model, image, mode=args.mode, crop_size=args.crop, stride=args.stride)
         pil = Image.fromarray(image.permute(1, 2, 0).numpy())
         stem = Path(path).stem
         _save_png(mask_image(mask, config.palette, config.num_classes), out / f"{stem}_mask.png")
@@ -90,7 +86,7 @@ def _common_config_args(parser: argparse.ArgumentParser) -> None:
 
 def train_main(argv: list[str]) -> int:
     """Train a segmentation model from a recipe (run under torchrun for several GPUs)."""
-    parser = argparse.ArgumentParser(prog="internvl-fm seg-train", description=train_main.__doc__)
+    parser = new_parser("internvl-fm seg-train", train_main.__doc__)
     _common_config_args(parser)
     parser.add_argument("--work-dir", default=None, help="overrides train.work_dir")
     parser.add_argument("--no-resume", action="store_true", help="start over even if the work dir has checkpoints")
@@ -113,14 +109,15 @@ def train_main(argv: list[str]) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
-    """Evaluate a checkpoint on the validation set of a recipe: mIoU, mAcc, aAcc and per-class IoU (JSON)."""
-    parser = argparse.ArgumentParser(prog="internvl-fm seg-eval", description=eval_main.__doc__)
+    """Evaluate a model on the validation set of a recipe: mIoU, mAcc, aAcc and per-class IoU (JSON)."""
+    parser = new_parser("internvl-fm seg-eval", eval_main.__doc__)
     _common_config_args(parser)
-    parser.add_argument("--checkpoint", required=True, help="a trained segmentation model folder")
-    parser.add_argument("--mode", choices=("slide", "whole"), default=None, help="default: train.eval_mode")
-    parser.add_argument("--stride", type=int, default=None, help="default: train.eval_stride")
-    parser.add_argument("--out", default=None, help="also write the metrics JSON here")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
+    parser.add_argument("--mode", choices=("slide", "whole"), default=None, help="if not given: train.eval_mode")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="if not given: train.eval_stride, or 2/3 of model.crop_size")
+    parser.add_argument("--output", "--out", dest="output", default=None, help="also write the metrics JSON here")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
 
     from internvl_fm.loading import atomic_write
@@ -130,18 +127,16 @@ def eval_main(argv: list[str]) -> int:
     from .train import build_datasets, load_train_config
 
     config = load_train_config(args.config, args.overrides)
-    model = SegmentationModel.from_pretrained(args.checkpoint, device=_device(args.device))
+    model = SegmentationModel.from_pretrained(args.model, device=resolve_device(args.device))
     _, val_set = build_datasets(config, model.patch_size)
     if val_set is None:
-        print("internvl-fm seg-eval: the config names no validation set (data.val_split / data.val_images)",
-              file=sys.stderr)
-        return 2
+        raise CLIError(f"{args.config} names no validation set (data.val_split / data.val_images)")
     result = evaluate(model, val_set, args.mode or config.train.eval_mode, config.model.crop_size,
                       args.stride or config.train.eval_stride)
     metrics = result.to_dict(model.config.class_names)
     text = json.dumps(metrics, indent=2)
-    if args.out:
-        with atomic_write(args.out) as tmp:
+    if args.output:
+        with atomic_write(args.output) as tmp:
             Path(tmp).write_text(text + "\n")
     print(text)
     return 0

@@ -90,6 +90,8 @@ class SegmentationModel(PretrainedMixin, nn.Module):
     (`backbone.*` after `convert_official_state_dict`, `decode_head.*`, `auxiliary_head.*`)."""
 
     config_class = SegmentationConfig
+    accepted_architectures = (SegmentationConfig.architecture,)
+    model_kind = "a segmentation model (InternViT + decode head, written by `internvl-fm seg-train`)"
 
     def __init__(self, config: SegmentationConfig, vit: nn.Module | None = None):
         super().__init__()

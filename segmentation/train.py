@@ -22,11 +22,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from internvl_fm.cli_utils import resolve_device
+from internvl_fm.errors import CheckpointNotFoundError
 from internvl_fm.loading import atomic_directory, atomic_write
 
 from .data import ADE20K_CLASSES, EvalTransform, ResumableSampler, SegmentationDataset, TrainTransform
 from .errors import CropSizeError, SegmentationConfigError
-from .infer import INFERENCE_MODES, check_crop, evaluate
+from .infer import INFERENCE_MODES, check_crop, default_stride, evaluate
 from .modeling import SegmentationConfig, SegmentationModel
 
 TRAINING_STATE = "training_state.pt"
@@ -83,7 +85,7 @@ class RunConfig:
     max_keep_checkpoints: int = 2
     eval_interval: int = 0
     eval_mode: str = "slide"
-    eval_stride: int = 322
+    eval_stride: int | None = None  # sliding-window stride; None: 2/3 of model.crop_size (infer.default_stride)
 
 
 @dataclasses.dataclass
@@ -146,7 +148,7 @@ def load_train_config(path: str | os.PathLike, overrides: list[str] | None = Non
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise SegmentationConfigError(f"config file not found: {path}")
     text = path.read_text()
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -191,8 +193,11 @@ def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 def build_model(config: TrainConfig) -> SegmentationModel:
     """The model of a recipe: pretrained ViT weights (or a random ViT from `vision_config`) + new heads."""
     if config.pretrained is not None:
-        model = SegmentationModel.from_backbone_checkpoint(config.model, config.pretrained,
-                                                           drop_path_rate=config.train.drop_path_rate)
+        try:
+            model = SegmentationModel.from_backbone_checkpoint(config.model, config.pretrained,
+                                                               drop_path_rate=config.train.drop_path_rate)
+        except CheckpointNotFoundError as err:  # name the config key the path came from
+            raise CheckpointNotFoundError(f"model.pretrained: {err}") from None
     else:
         vision = dataclasses.replace(config.model.vision_config, drop_path_rate=config.train.drop_path_rate)
         from internvl_fm.models.intern_vit import InternVisionModel
@@ -332,9 +337,7 @@ def _init_distributed(device: str) -> tuple[int, int, torch.device]:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch.device(resolve_device(device))
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -476,5 +479,6 @@ def check_config(config: TrainConfig, patch_size: int) -> None:
         raise CropSizeError(f"model.crop_size {config.model.crop_size} is not divisible by the patch size "
                             f"{patch_size}")
     if config.train.eval_mode == "slide":
-        check_crop(config.model.crop_size, config.train.eval_stride, patch_size)
+        check_crop(config.model.crop_size, config.train.eval_stride or default_stride(config.model.crop_size),
+                   patch_size)
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from internvl_fm.cli import main
 from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
-from internvl_fm.segmentation import (CropSizeError, SegmentationConfig, SegmentationModel, segment_image,
-                                      slide_inference, whole_inference)
+from internvl_fm.segmentation import (CropSizeError, SegmentationConfig, SegmentationModel, default_stride,
+                                      segment_image, slide_inference, whole_inference)
 from internvl_fm.segmentation.cli import segment_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,9 +84,23 @@ def test_segment_command_writes_mask_and_overlay(model, tmp_path, capsys):
     assert values.max() < 4 and set(record["classes"]) == {["bg", "a", "b", "c"][v] for v in np.unique(values)}
 
 
-def test_segment_command_reports_unreadable_images(model, tmp_path, capsys):
+def test_segment_command_reports_unreadable_images_in_one_line(model, tmp_path, capsys):
     model.save_pretrained(tmp_path / "ckpt")
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    code = segment_main([str(bad), "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")])
-    assert code == 1 and "broken.png" in capsys.readouterr().err
+    code = main(["segment", str(bad), "--model", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("internvl-fm segment: error: cannot load image ")
+    assert "broken.png" in err[0]
+    code = main(["segment", str(tmp_path / "missing.png"), "--model", str(tmp_path / "ckpt"),
+                 "--output", str(tmp_path / "out")])
+    assert code == 2 and "image file(s) not found: " in capsys.readouterr().err
+
+
+def test_default_stride_is_two_thirds_of_the_crop(model):
+    assert [default_stride(c) for c in (512, 504, 112, 56)] == [341, 336, 75, 37]
+    pixels = torch.randn(1, 3, 70, 98)
+    torch.testing.assert_close(slide_inference(model, pixels, crop_size=56),
+                               slide_inference(model, pixels, crop_size=56, stride=37))
+    assert not torch.allclose(slide_inference(model, pixels, crop_size=56),
+                              slide_inference(model, pixels, crop_size=56, stride=56))
