@@ -150,7 +150,7 @@ class WeightFiles:
         elif (folder / BIN_INDEX).is_file():
             self.weight_map = self._read_index(folder / BIN_INDEX)
         elif (folder / BIN_SINGLE).is_file():
-            self.weight_map = {k: BIN_SINGLE for k in _torch_load(folder / BIN_SINGLE)}
+            self.weight_map = {k: BIN_SINGLE for k in torch_load_state_dict(folder / BIN_SINGLE)}
         else:
             raise CheckpointNotFoundError(f"no weights in {folder}: expected {SAFE_SINGLE}, {SAFE_INDEX}, "
                                           f"{BIN_SINGLE} or {BIN_INDEX}")
@@ -184,7 +184,7 @@ class WeightFiles:
                     for key in file_keys:
                         out[key] = _cast(fh.get_tensor(key), dtype)
             else:
-                blob = _torch_load(path)
+                blob = torch_load_state_dict(path)
                 for key in file_keys:
                     out[key] = _cast(blob[key], dtype)
                 del blob
@@ -197,10 +197,18 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if isinstance(blob, dict) and isinstance(blob.get("module"), dict):  # {'module': sd} (DeepSpeed / pure PyTorch)
-        blob = blob["module"]
+def torch_load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a PyTorch pickle, read with `weights_only=True` (no code runs); `{'module': sd}` and
+    `{'state_dict': sd}` wrappers (DeepSpeed, Lightning, mmengine) are unwrapped."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        blob = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format cannot be mmapped
+    for wrapper in ("module", "state_dict"):  # {'module': sd} (DeepSpeed), {'state_dict': sd} (Lightning, mmengine)
+        if isinstance(blob, dict) and isinstance(blob.get(wrapper), dict):
+            blob = blob[wrapper]
     if not isinstance(blob, dict):
         raise CheckpointNotFoundError(f"{path} does not hold a state dict")
     return blob
@@ -268,7 +276,7 @@ def count_checkpoint_parameters(path: str | os.PathLike) -> int:
             with safe_open(files.folder / file, framework="pt") as fh:
                 total += sum(_numel(fh.get_slice(k).get_shape()) for k in fh.keys())
         else:
-            total += sum(t.numel() for t in _torch_load(files.folder / file).values())
+            total += sum(t.numel() for t in torch_load_state_dict(files.folder / file).values())
     return total
 
 

@@ -177,3 +177,15 @@ def test_vision_tower_of_a_chat_checkpoint(golden):
     expected = load_file(str(case / "expected.safetensors"))["vision_hidden_states"]
     torch.testing.assert_close(torch.stack(vit(x, output_hidden_states=True).hidden_states), expected,
                                atol=1e-5, rtol=1e-4)
+
+
+def test_torch_pickles_load_safely_in_both_formats_and_unwrapped(tmp_path):
+    from internvl_fm.loading import torch_load_state_dict
+
+    state = {"a.weight": torch.arange(6.0).view(2, 3)}
+    torch.save(state, tmp_path / "zip.bin")
+    torch.save({"state_dict": state}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    torch.save({"module": state}, tmp_path / "deepspeed.bin")
+    for name in ("zip.bin", "legacy.bin", "deepspeed.bin"):
+        loaded = torch_load_state_dict(tmp_path / name)
+        assert torch.equal(loaded["a.weight"], state["a.weight"]), name
