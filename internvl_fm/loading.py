@@ -113,17 +113,46 @@ def atomic_write(target: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def clean_stale_temporaries(target: str | os.PathLike) -> None:
+    """Remove `.NAME.*.tmp` / `.NAME.*.old` leftovers of writes to `target` that a crash interrupted."""
+    target = Path(target)
+    for leftover in target.parent.glob(f".{target.name}.*"):
+        if leftover.suffix in (".tmp", ".old"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; if the block succeeds it replaces `target` (an existing one is
-    moved aside first and removed only once the new one is in place), otherwise it is deleted."""
+    """Yield a temporary folder beside `target`; if the block succeeds it replaces `target` in one step (an
+    atomic exchange of the two folders where the system offers it, else old-aside-then-new), otherwise it is
+    deleted. A reader sees the old folder or the new one, never a mix. Leftovers of crashed writes are removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
-        if target.exists():
+        if target.is_dir() and _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
+        elif target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old)
             os.replace(tmp, target)
@@ -160,6 +189,11 @@ class WeightFiles:
         weight_map = json.loads(file.read_text()).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointNotFoundError(f"{file} has no weight_map")
+        folder = file.parent.resolve()
+        outside = sorted({f for f in weight_map.values()
+                          if not isinstance(f, str) or not (folder / f).resolve().is_relative_to(folder)})
+        if outside:
+            raise WeightLoadingError(f"{file} names shard files outside the checkpoint folder: {_short(outside)}")
         missing = sorted({f for f in weight_map.values() if not (file.parent / f).is_file()})
         if missing:
             raise CheckpointNotFoundError(f"{file} names shard files that are missing: {missing}")
@@ -318,6 +352,13 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], igno
         raise WeightLoadingError(f"weights do not fit {type(model).__name__}: " + "; ".join(problems))
 
 
+def check_finite_weights(state: dict[str, torch.Tensor], where: str | os.PathLike = "checkpoint") -> None:
+    """Raise WeightLoadingError naming every floating tensor that holds NaN or inf."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightLoadingError(f"{where} holds non-finite weights (NaN or inf) in {len(bad)} tensors: {_short(bad)}")
+
+
 def _short(items: list[str], limit: int = 12) -> str:
     head = ", ".join(items[:limit])
     return head + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
@@ -411,12 +452,13 @@ class PretrainedMixin:
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, config: Any = None,
                         device_map: str | dict[str, Any] | None = None, quantization: str | None = None,
-                        load_tokenizer: bool = True):
+                        load_tokenizer: bool = True, check_finite: bool = False):
         """Load a checkpoint folder or hub id.
 
         `dtype=None` keeps the stored dtype; `device` defaults to CPU; `device_map` ("auto" or module -> device,
         needs accelerate) spreads the model over several devices instead; `quantization` names a scheme the model
-        supports; `load_tokenizer=False` skips the tokenizer files.
+        supports; `load_tokenizer=False` skips the tokenizer files; `check_finite=True` refuses NaN / inf weights
+        (WeightLoadingError naming the tensors).
         """
         folder = resolve_checkpoint(path)
         config = config if config is not None else cls.config_from_checkpoint(folder)
@@ -429,6 +471,8 @@ class PretrainedMixin:
         files = WeightFiles(folder)
         prefix, keys = cls._select_keys(model, files.keys())
         state = {k[len(prefix):]: v for k, v in files.load(keys, dtype).items()}
+        if check_finite:
+            check_finite_weights(state, folder)
         model.load_converted_state_dict(model.convert_checkpoint_state_dict(state))
         if device_map is not None:
             materialize_meta_buffers(model, torch.device("cpu"))
@@ -469,15 +513,42 @@ class PretrainedMixin:
     def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
         """Write config.json + safetensors weights in the official layout (and the tokenizer, if attached)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         self.config.extra["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
-        self._save_extra(folder)
-        self.config.save_pretrained(folder)
-        save_state_dict(self.checkpoint_state_dict(), folder, max_shard_bytes=max_shard_bytes)
-        tokenizer = getattr(self, "tokenizer", None)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(folder)
+        with atomic_directory(folder) as tmp:  # kill -9 at any moment leaves the old checkpoint or the new one
+            self._save_extra(tmp)
+            self.config.save_pretrained(tmp)
+            save_state_dict(self.checkpoint_state_dict(), tmp, max_shard_bytes=max_shard_bytes)
+            tokenizer = getattr(self, "tokenizer", None)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
+            _keep_other_files(folder, tmp)
         return folder
+
+
+_CHECKPOINT_FILES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                               r"model\.safetensors\.index\.json|pytorch_model.*\.bin(\.index\.json)?)$")
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Carry files of `old` that a save does not write (a README, training logs...) into `new` (hard links when
+    possible): a checkpoint folder is replaced, not its neighbours."""
+    if not old.is_dir():
+        return
+    for item in old.iterdir():
+        dest = new / item.name
+        if dest.exists() or _CHECKPOINT_FILES.match(item.name):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dest, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(item, dest)
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _get_param(module: nn.Module, key: str) -> nn.Parameter:

@@ -449,6 +449,7 @@ class InternVLChatModel(PretrainedMixin, nn.Module):
         attn_implementation: str = "sdpa",
         config: InternVLChatConfig | None = None,
         load_tokenizer: bool = True,
+        check_finite: bool = False,
     ) -> "InternVLChatModel":
         """Load an official InternVL-Chat checkpoint folder or hub id (no remote code).
 
@@ -463,7 +464,7 @@ class InternVLChatModel(PretrainedMixin, nn.Module):
         config.llm_config._attn_implementation = attn_implementation
         return super().from_pretrained(path, dtype=dtype, device=device, config=config, device_map=device_map,
                                        quantization="bnb-int8" if load_in_8bit else None,
-                                       load_tokenizer=load_tokenizer)
+                                       load_tokenizer=load_tokenizer, check_finite=check_finite)
 
     def _after_load(self, folder: Path, load_tokenizer: bool) -> None:
         if load_tokenizer:
