@@ -17,21 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from internvl_fm.evaluation import tokenize_prompts
+
 from .errors import ClassificationError
-from .zeroshot import MODES
+from .zeroshot import resolve_mode
 
 MODEL_TYPE = "internvl_fm"
-_MODE_ALIASES = {m.lower(): m for m in MODES} | {"internvl_c": "InternVL-C", "internvl_g": "InternVL-G",
-                                                   "c": "InternVL-C", "g": "InternVL-G"}
-
-
-def resolve_mode(model_name: str) -> str:
-    """`InternVL-C` / `InternVL-G` from a CLIP_benchmark `--model` value (case-insensitive, `internvl_c` too)."""
-    mode = _MODE_ALIASES.get(model_name.strip().lower().replace("-", "_"),
-                             _MODE_ALIASES.get(model_name.strip().lower()))
-    if mode is None:
-        raise ClassificationError(f"--model {model_name!r} is not an InternVL mode; use one of {MODES}")
-    return mode
 
 
 class ClipBenchmarkModel(nn.Module):
@@ -58,7 +49,7 @@ class ClipBenchmarkTokenizer:
         self.tokenizer = tokenizer
 
     def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
-        return self.tokenizer(texts, padding="max_length")["input_ids"]
+        return tokenize_prompts(self.tokenizer, [texts] if isinstance(texts, str) else texts)
 
 
 def load_internvl_fm(model_name: str = "InternVL-C", pretrained: str | os.PathLike = "OpenGVLab/InternVL-14B-224px",

@@ -1,9 +1,9 @@
 """Classification metrics the way CLIP_benchmark reports them, a confusion-matrix PNG and the results JSON.
 
-`classification_metrics` returns `acc1`, `acc5` (NaN with fewer than 5 classes, as CLIP_benchmark) and
-`mean_per_class_recall` (balanced accuracy over the classes present in the targets, as
-`sklearn.metrics.balanced_accuracy_score`). `results_record` builds the CLIP_benchmark JSON shape
-`{"dataset", "model", "task", "metrics", "language"}`.
+`classification_metrics` returns `acc1`, `acc5` (the core `internvl_fm.evaluation.topk_accuracy`; NaN with fewer
+than 5 classes, as CLIP_benchmark) and `mean_per_class_recall` (balanced accuracy over the classes present in the
+targets, as `sklearn.metrics.balanced_accuracy_score`): equal to CLIP_benchmark's numbers bit for bit.
+`results_record` builds the CLIP_benchmark JSON shape `{"dataset", "model", "task", "metrics", "language"}`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from internvl_fm.evaluation import EvaluationInputError, check_logits_targets, topk_accuracy
 from internvl_fm.loading import atomic_write
 
 from .errors import FeatureDimError, MissingDependencyError
@@ -39,30 +41,6 @@ class EvaluationResult:
         return confusion_matrix(self.predictions, self.targets, self.logits.shape[1])
 
 
-def _check_logits_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    if logits.ndim != 2:
-        raise FeatureDimError(f"logits must be [N, num_classes], got shape {tuple(logits.shape)}")
-    if targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
-        raise FeatureDimError(
-            f"targets must be [N] with N = {logits.shape[0]} (rows of logits), got shape {tuple(targets.shape)}"
-        )
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
-        raise FeatureDimError(
-            f"target ids must lie in [0, {logits.shape[1]}); got range [{int(targets.min())}, {int(targets.max())}]"
-        )
-
-
-def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, topk: Sequence[int] = (1, 5)) -> list[float]:
-    """Fraction of rows whose target is among the k highest logits, for each k in `topk`."""
-    _check_logits_targets(logits, targets)
-    if targets.numel() == 0:
-        return [float("nan")] * len(topk)
-    kmax = min(max(topk), logits.shape[1])
-    pred = logits.topk(kmax, dim=1).indices  # [N, kmax]
-    hits = pred.eq(targets.view(-1, 1))
-    return [float(hits[:, : min(k, kmax)].any(dim=1).float().mean()) for k in topk]
-
-
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """`[num_classes, num_classes]` int64 counts; rows are true classes, columns predicted classes."""
     idx = targets.long() * num_classes + predictions.long()
@@ -70,20 +48,24 @@ def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_class
 
 
 def mean_per_class_recall(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> float:
-    """Recall averaged over the classes that occur in `targets` (sklearn's balanced accuracy)."""
-    cm = confusion_matrix(predictions, targets, num_classes).double()
-    support = cm.sum(dim=1)
+    """Recall averaged over the classes that occur in `targets`: sklearn's `balanced_accuracy_score`, which
+    CLIP_benchmark reports, to the last bit (per-class ratios in float64, numpy's mean)."""
+    cm = confusion_matrix(predictions, targets, num_classes).numpy()
+    support = cm.sum(axis=1)
     present = support > 0
-    if not bool(present.any()):
+    if not present.any():
         return float("nan")
-    return float((cm.diagonal()[present] / support[present]).mean())
+    return float(np.mean(cm.diagonal()[present] / support[present]))
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """`{"acc1", "acc5", "mean_per_class_recall"}` from logits [N, C] and integer targets [N]."""
     logits = logits.float().cpu()
     targets = targets.long().cpu()
-    _check_logits_targets(logits, targets)
+    try:
+        check_logits_targets(logits, targets)
+    except EvaluationInputError as err:  # this package's error for inputs of the wrong shape
+        raise FeatureDimError(str(err)) from None
     num_classes = logits.shape[1]
     if num_classes >= 5:
         acc1, acc5 = topk_accuracy(logits, targets, (1, 5))

@@ -8,7 +8,8 @@ chosen mode, L2-normalised; `logits = 100 * image @ W` (fixed 100, not `logit_sc
 Speed: the official code pads every prompt to 80 tokens. With EOS pooling under a causal mask and right padding,
 a token's hidden state never depends on what follows it, so sorting all prompts by length and padding each batch
 only to its own longest prompt (`padding="dynamic"`, the default) gives the same weights for a fraction of the
-compute (`benchmarks/bench_zeroshot.py`).
+compute (`benchmarks/bench_zeroshot.py`). The weights come from the core, `internvl_fm.evaluation`
+(`zeroshot_classifier_weights`, public here as `build_zeroshot_weights`).
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from internvl_fm.evaluation import Padding, zeroshot_classifier_weights as build_zeroshot_weights  # public name here
 from internvl_fm.models.internvl import MODES
 
 from ._utils import hash_json, load_tensors, module_fingerprint, save_tensors
@@ -32,7 +34,7 @@ from .evaluate import EvaluationResult, classification_metrics
 from .prompts import imagenet_classnames, normalize_language, validate_labels, validate_templates, zeroshot_templates
 
 ZEROSHOT_LOGIT_SCALE = 100.0
-Padding = Literal["dynamic", "max_length"]
+_MODE_ALIASES = {m.lower().replace("-", "_"): m for m in MODES} | {"c": "InternVL-C", "g": "InternVL-G"}
 
 
 @dataclass
@@ -49,80 +51,14 @@ class ZeroShotPrediction:
         return iter(zip(self.labels, self.probs))
 
 
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
+def resolve_mode(mode: str) -> str:
+    """`InternVL-C` / `InternVL-G` from a mode name (case-insensitive; `internvl_c`, `c`, `g` too): the one mode
+    check of this package, at its boundary (classifier construction, the CLIP_benchmark loader)."""
+    key = str(mode).strip().lower().replace("-", "_")
+    resolved = _MODE_ALIASES.get(key)
+    if resolved is None:
         raise ClassificationError(f"unknown mode {mode!r}; use one of {MODES}")
-    return mode
-
-
-def _model_io(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    proj = model.text_projection
-    return proj.device, proj.dtype
-
-
-def tokenize_prompts(tokenizer: Any, texts: Sequence[str], *, chunk_size: int = 4096) -> torch.Tensor:
-    """Token ids [N, max_length] of `texts` under the InternVL contract (every row padded to max_length)."""
-    chunks = [tokenizer(list(texts[i:i + chunk_size]), padding="max_length")["input_ids"]
-              for i in range(0, len(texts), chunk_size)]
-    return torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.long)
-
-
-@torch.no_grad()
-def encode_prompts(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    *,
-    batch_size: int = 256,
-    padding: Padding = "dynamic",
-    progress: bool = True,
-    desc: str = "text prompts",
-) -> torch.Tensor:
-    """L2-normalised float32 text embeddings [N, D] of right-padded (pad id 0) token ids, in input order.
-
-    `padding="dynamic"`: prompts are sorted by length and each batch is cut to its longest prompt (exact for EOS
-    pooling under causal attention). `"max_length"`: the official protocol, every row at full width, input order.
-    """
-    if padding not in ("dynamic", "max_length"):
-        raise ClassificationError(f"padding must be 'dynamic' or 'max_length', got {padding!r}")
-    if batch_size < 1:
-        raise ClassificationError(f"batch_size must be >= 1, got {batch_size}")
-    device, _ = _model_io(model)
-    n = input_ids.shape[0]
-    lengths = (input_ids > 0).sum(dim=1)
-    order = torch.argsort(lengths, descending=True, stable=True) if padding == "dynamic" else torch.arange(n)
-    out = torch.empty(n, model.text_projection.shape[1], dtype=torch.float32)
-    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
-        idx = order[start:start + batch_size]
-        ids = input_ids[idx]
-        if padding == "dynamic":
-            ids = ids[:, : int(lengths[idx].max())]
-        out[idx] = F.normalize(model.encode_text(ids.to(device)).float(), dim=-1).cpu()
-    return out
-
-
-@torch.no_grad()
-def build_zeroshot_weights(
-    model: nn.Module,
-    classnames: Sequence[str],
-    templates: Sequence[str],
-    *,
-    tokenizer: Any = None,
-    batch_size: int = 256,
-    padding: Padding = "dynamic",
-    progress: bool = True,
-) -> torch.Tensor:
-    """Zero-shot classifier weights [D, C] (float32): per class mean of the normalised template embeddings,
-    re-normalised. All `len(classnames) * len(templates)` prompts are encoded in batches across classes."""
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ClassificationError("the model has no tokenizer: pass tokenizer=InternVLTokenizer(...)")
-    classnames, templates = list(classnames), list(templates)
-    texts = [tpl.format(c=name) for name in classnames for tpl in templates]
-    ids = tokenize_prompts(tokenizer, texts)
-    emb = encode_prompts(model, ids, batch_size=batch_size, padding=padding, progress=progress,
-                         desc=f"zero-shot weights ({len(classnames)} classes x {len(templates)} templates)")
-    emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
-    return F.normalize(emb, dim=-1).t().contiguous()
+    return resolved
 
 
 def _text_fingerprint(model: nn.Module) -> str:
@@ -151,7 +87,7 @@ class ZeroShotClassifier(nn.Module):
         self.model = model
         self.register_buffer("weights", weights.float().contiguous(), persistent=False)
         self.classnames = classnames
-        self.mode = _check_mode(mode)
+        self.mode = resolve_mode(mode)
         self.templates = list(templates) if templates is not None else None
         self.language = language
         self.image_processor = None
@@ -182,7 +118,7 @@ class ZeroShotClassifier(nn.Module):
         classnames = validate_labels(classnames, allow_duplicates=bundled if allow_duplicates is None
                                      else allow_duplicates)
         templates = validate_templates(zeroshot_templates(language) if templates is None else templates)
-        _check_mode(mode)
+        mode = resolve_mode(mode)  # before the weights are built (minutes for ImageNet)
         cache_file = None
         if cache_dir is not None:
             max_length = getattr(getattr(model, "tokenizer", None), "max_length", None)

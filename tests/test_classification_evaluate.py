@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +74,46 @@ def test_confusion_png_and_results_json(tmp_path):
     assert data["metrics"]["acc5"] is None  # NaN -> null (strict JSON)
     assert data["metrics"]["acc1"] == pytest.approx(metrics["acc1"])
     assert data["language"] == "zh" and data["pretrained"] == "x"
+
+
+class _FeatureModel:
+    """A CLIP-like stand-in for CLIP_benchmark: the "images" it gets are already image features."""
+
+    def encode_image(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+class _Loader(list):
+    def __init__(self, batches, num_classes):
+        super().__init__(batches)
+        self.dataset = type("Dataset", (), {"classes": [f"class {i}" for i in range(num_classes)]})()
+
+
+@pytest.mark.parametrize("n,c,missing", [(997, 37, ()), (300, 1000, ()), (50, 3, ()), (120, 8, (2, 5))])
+def test_metrics_equal_clip_benchmark_evaluate_bit_for_bit(tmp_path, monkeypatch, n, c, missing):
+    """Upstream CLIP_benchmark's own `evaluate` (its `accuracy` + sklearn's balanced accuracy) on the same logits."""
+    zsc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
+    # CLIP_benchmark calls float() on a 1-element array, which numpy 2 refuses: give its module a float that takes it
+    monkeypatch.setattr(zsc, "float", lambda x: float(np.asarray(x).reshape(-1)[0]), raising=False)
+
+    gen = torch.Generator().manual_seed(n + c)
+    weights = torch.nn.functional.normalize(torch.randn(16, c, generator=gen), dim=0)
+    targets = torch.randint(0, c, (n,), generator=gen)
+    for cls in missing:  # classes that are predicted but absent from the targets (sklearn drops them)
+        targets[targets == cls] = (cls + 1) % c
+    features = torch.randn(n, 16, generator=gen) + 0.5 * weights.t()[targets]
+    loader = _Loader([(features[i:i + 64], targets[i:i + 64]) for i in range(0, n, 64)], c)
+    torch.save(weights, tmp_path / "clf.pt")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn: "y_pred contains classes not in y_true"
+        theirs = zsc.evaluate(_FeatureModel(), loader, None, None, None, "cpu", amp=False,
+                              load_clfs=[str(tmp_path / "clf.pt")])
+    logits, target = zsc.run_classification(_FeatureModel(), weights, loader, "cpu", amp=False)
+    ours = classification_metrics(logits, target)
+    assert list(ours) == list(theirs)
+    for key, value in theirs.items():
+        assert ours[key] == value or (math.isnan(ours[key]) and math.isnan(value)), key  # bit for bit
+    assert 0.0 < ours["acc1"] < 1.0 and math.isnan(ours["acc5"]) == (c < 5)
+    predicted_only = set(logits.argmax(1).tolist()) - set(target.tolist())
+    assert predicted_only or not missing  # the case where sklearn drops classes is really exercised

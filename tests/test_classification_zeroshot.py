@@ -10,7 +10,8 @@ from PIL import Image
 from internvl_fm.classification import ZeroShotClassifier, build_zeroshot_weights
 from internvl_fm.classification.errors import (FeatureDimError, LabelError, TemplateError,
                                                UnknownLanguageError)
-from internvl_fm.classification.zeroshot import encode_prompts, sample_frame_indices, tokenize_prompts
+from internvl_fm.classification.zeroshot import sample_frame_indices
+from internvl_fm.evaluation import embed_token_ids, tokenize_prompts
 
 LABELS = ["cat", "dog", "red panda", "a boat on the river at night"]
 TWO_TEMPLATES = ["a photo of a {c}.", "a blurry drawing of the {c} in the dark."]
@@ -63,10 +64,10 @@ def test_dynamic_padding_is_exact_and_restores_input_order(model):
     ids = tokenize_prompts(model.tokenizer, texts)
     lengths = (ids > 0).sum(1)
     assert len(set(lengths.tolist())) == len(texts)
-    dyn = encode_prompts(model, ids, batch_size=2, padding="dynamic", progress=False)
-    full = encode_prompts(model, ids, batch_size=2, padding="max_length", progress=False)
+    dyn = embed_token_ids(model, ids, batch_size=2, padding="dynamic", progress=False)
+    full = embed_token_ids(model, ids, batch_size=2, padding="max_length", progress=False)
     torch.testing.assert_close(dyn, full, atol=1e-5, rtol=1e-4)
-    single = torch.cat([encode_prompts(model, ids[i:i + 1], padding="max_length", progress=False)
+    single = torch.cat([embed_token_ids(model, ids[i:i + 1], padding="max_length", progress=False)
                         for i in range(len(texts))])
     torch.testing.assert_close(dyn, single, atol=1e-5, rtol=1e-4)
 
@@ -213,3 +214,33 @@ def test_clip_benchmark_evaluates_internvl_fm(model, tiny_clip_path, images):
     logits, target = zsc.run_classification(cb_model, upstream, loader, "cpu", amp=False)
     torch.testing.assert_close(logits, ours(images), atol=1e-4, rtol=1e-4)
     assert target.tolist() == [0, 1, 2]
+
+
+def test_weights_and_prompt_encoding_come_from_the_core(model):
+    from internvl_fm import classification
+    import internvl_fm.classification.zeroshot as zs
+    from internvl_fm.evaluation import zeroshot_classifier_weights
+
+    assert classification.build_zeroshot_weights is zeroshot_classifier_weights  # one implementation, two names
+    # `encode_prompts` is the diffusion text encoder of InternVLTextModel; classification no longer has its own
+    assert not hasattr(zs, "encode_prompts") and not hasattr(classification, "encode_prompts")
+    clf = ZeroShotClassifier.from_classnames(model, LABELS, TWO_TEMPLATES, progress=False)
+    torch.testing.assert_close(clf.weights, zeroshot_classifier_weights(model, LABELS, TWO_TEMPLATES), atol=0, rtol=0)
+
+
+def test_mode_is_resolved_once_before_any_work(model, monkeypatch):
+    import internvl_fm.classification.zeroshot as zs
+    from internvl_fm.classification.clip_benchmark import ClipBenchmarkModel
+    from internvl_fm.classification.errors import ClassificationError
+
+    def boom(*args, **kwargs):
+        raise AssertionError("weights were built before the mode was checked")
+
+    monkeypatch.setattr(zs, "build_zeroshot_weights", boom)
+    with pytest.raises(ClassificationError, match=r"unknown mode 'InternVL-X'; use one of \('InternVL-C', "):
+        ZeroShotClassifier.from_classnames(model, LABELS, TWO_TEMPLATES, mode="InternVL-X")
+    for name, mode in (("internvl-g", "InternVL-G"), ("InternVL_C", "InternVL-C"), (" g ", "InternVL-G")):
+        assert zs.resolve_mode(name) == mode
+        assert ClipBenchmarkModel(model, name).mode == mode  # the CLIP_benchmark loader uses the same check
+    with pytest.raises(ClassificationError, match="unknown mode 'clip'"):
+        ClipBenchmarkModel(model, "clip")

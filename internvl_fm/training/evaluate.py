@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
+from internvl_fm.evaluation import EvaluationInputError, class_prompt_weights, retrieval_recall_at_k, topk_accuracy
+
 
 def match_key(record: dict, index: int) -> str:
     """The key that decides relevance: the sorted attributes when the record has them, else the record index."""
@@ -19,18 +21,6 @@ def match_key(record: dict, index: int) -> str:
     if isinstance(attributes, dict) and attributes:
         return json.dumps(attributes, sort_keys=True)
     return f"#{index}"
-
-
-def recall_at_k(similarity: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Fraction of query rows with at least one relevant column among their top-k (`similarity`, `relevant`: [Q, N])."""
-    if similarity.shape != relevant.shape:
-        raise ValueError(f"similarity {tuple(similarity.shape)} and relevant {tuple(relevant.shape)} differ in shape")
-    out = {}
-    order = similarity.argsort(dim=1, descending=True)
-    hits = torch.gather(relevant.bool(), 1, order)
-    for k in ks:
-        out[f"r@{k}"] = float(hits[:, : min(k, hits.shape[1])].any(dim=1).float().mean()) if len(hits) else 0.0
-    return out
 
 
 def _load_images(data_dir: Path, records: list[dict]) -> list[Any]:
@@ -75,15 +65,15 @@ def evaluate_retrieval(model: Any, records: list[dict], images: Any, ks: Sequenc
             text_keys = image_keys[torch.tensor([i for i, _ in items])]
             sims = text_emb @ image_emb.t()
             relevant = text_keys[:, None] == image_keys[None, :]
-            per_language[lang] = {"t2i": recall_at_k(sims, relevant, ks)}
+            per_language[lang] = {"t2i": retrieval_recall_at_k(sims, relevant, ks)}
             all_sims.append(sims)
             all_rel.append(relevant)
             all_text_keys.append(text_keys)
             all_text_emb.append(text_emb)
         text_emb = torch.cat(all_text_emb)
         text_keys = torch.cat(all_text_keys)
-        i2t = recall_at_k(image_emb @ text_emb.t(), image_keys[:, None] == text_keys[None, :], ks)
-        return {"t2i": recall_at_k(torch.cat(all_sims), torch.cat(all_rel), ks), "i2t": i2t,
+        i2t = retrieval_recall_at_k(image_emb @ text_emb.t(), image_keys[:, None] == text_keys[None, :], ks)
+        return {"t2i": retrieval_recall_at_k(torch.cat(all_sims), torch.cat(all_rel), ks), "i2t": i2t,
                 "per_language": per_language, "num_images": len(records), "num_queries": int(text_keys.numel())}
     finally:
         model.train(was_training)
@@ -94,32 +84,27 @@ def zero_shot_attribute_accuracy(model: Any, records: list[dict], images: Any, a
                                  languages: Sequence[str] = ("en",), batch_size: int = 128) -> float:
     """Zero-shot classification accuracy of one generated attribute (e.g. "color" or "shape").
 
-    Class embeddings follow the CLIP protocol: for each class value, captions over all values of the other attributes
-    (the prompt ensemble) are embedded, L2-normalised, averaged and re-normalised; each image takes the closest class.
+    Class embeddings follow the CLIP protocol (`internvl_fm.evaluation.class_prompt_weights`): for each class value,
+    captions over all values of the other attributes (the prompt ensemble) are embedded, L2-normalised, averaged and
+    re-normalised; each image takes the closest class.
     """
     from .data import LANGUAGES, TEMPLATES, attribute_space, caption
 
     space = attribute_space()
     if attribute not in space[0]:
-        raise ValueError(f"unknown attribute {attribute!r}; choose one of {sorted(space[0])}")
-    for lang in languages:
-        if lang not in LANGUAGES:
-            raise ValueError(f"unknown language {lang!r}")
+        raise EvaluationInputError(f"unknown attribute {attribute!r}; choose one of {sorted(space[0])}")
+    if not languages or any(lang not in TEMPLATES for lang in languages):
+        raise EvaluationInputError(f"languages must be some of {', '.join(LANGUAGES)}; got {list(languages)}")
+    values = sorted({a[attribute] for a in space})
+    prompts = [[caption(a, lang, t) for a in space if a[attribute] == value
+                for lang in languages for t in range(len(TEMPLATES[lang]))] for value in values]
     was_training = model.training
     model.eval()
     try:
-        classes = []
-        all_values = sorted({a[attribute] for a in space})
-        for value in all_values:
-            prompts = [caption(a, lang, t) for a in space if a[attribute] == value
-                       for lang in languages for t in range(len(TEMPLATES[lang]))]
-            emb = model.embed_texts(prompts, batch_size=batch_size).mean(0)
-            classes.append(emb / emb.norm())
-        weights = torch.stack(classes)
-        image_emb = model.embed_images(images, batch_size=batch_size)
-        predicted = (image_emb @ weights.t()).argmax(dim=1)
-        truth = torch.tensor([all_values.index(r["attributes"][attribute]) for r in records])
-        return float((predicted == truth).float().mean())
+        weights = class_prompt_weights(model, prompts, batch_size=batch_size)
+        logits = model.embed_images(images, batch_size=batch_size) @ weights
+        truth = torch.tensor([values.index(r["attributes"][attribute]) for r in records])
+        return topk_accuracy(logits, truth, (1,))[0]
     finally:
         model.train(was_training)
 
