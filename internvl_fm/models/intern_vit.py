@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from internvl_fm.configuration_utils import ConfigBase
 from internvl_fm.loading import PretrainedMixin
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -80,10 +82,51 @@ class InternRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+_ONEDNN_OPS_WORK: dict[torch.dtype, bool] = {}  # dtype -> probe result (see _onednn_ops_work)
+
+
+def _probe_onednn_ops(dtype: torch.dtype) -> None:
+    """Run every private `torch.ops.mkldnn` call of the fused path once on tiny tensors and check the results against
+    plain torch; raises if an op is missing, fails or disagrees."""
+    ops = torch.ops.mkldnn
+    linear, reorder = ops._linear_pointwise, ops._reorder_linear_weight
+    # deterministic inputs (the global RNG is left alone); [1, 4, 16] @ [32, 16]^T as the layers call it
+    x = torch.linspace(-1, 1, 64).reshape(1, 4, 16).to(dtype)
+    other = torch.linspace(1, -1, 128).reshape(1, 4, 32).to(dtype)
+    weight = torch.linspace(-0.5, 0.5, 512).reshape(32, 16).flip(1).contiguous().to(dtype)
+    bias = torch.linspace(-0.1, 0.1, 32).to(dtype)
+    packed = reorder(weight, 4)
+    ref = F.linear(x.float(), weight.float(), bias.float())
+    got = (linear(x, packed, bias, "none", [], ""), linear(x, packed, bias, "gelu", [], "none"),
+           linear.binary(x, other, packed, bias, "add"))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, out, expected in zip(("linear", "linear+gelu", "linear+add"), got, (ref, F.gelu(ref), ref + other)):
+        if out.shape != expected.shape or not torch.allclose(out.float(), expected, atol=tol, rtol=tol):
+            raise RuntimeError(f"{name} disagrees with plain torch")
+
+
+def _onednn_ops_work(dtype: torch.dtype) -> bool:
+    """Whether the fused path's oneDNN ops exist and give correct results for `dtype` in this torch build (they are
+    private API); probed once per dtype, cached."""
+    ok = _ONEDNN_OPS_WORK.get(dtype)
+    if ok is None:
+        try:
+            if not torch.backends.mkldnn.is_available():
+                raise RuntimeError("torch.backends.mkldnn is not available")
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):
+                _probe_onednn_ops(dtype)
+            ok = True
+        except Exception as err:  # noqa: BLE001 - any failure means: use the plain path
+            logger.debug("InternViT: fused oneDNN CPU path disabled for %s (%s: %s); using the plain path",
+                         dtype, type(err).__name__, err)
+            ok = False
+        _ONEDNN_OPS_WORK[dtype] = ok
+    return ok
+
+
 def _onednn_fusable(x: torch.Tensor) -> bool:
-    """Whether the fused oneDNN inference kernels apply (CPU tensors of float32 / bfloat16)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """Whether the fused oneDNN inference kernels apply (CPU tensors of float32 / bfloat16, working ops)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _onednn_ops_work(x.dtype)
 
 
 def build_norm(config: InternVisionConfig, dim: int) -> nn.Module:
