@@ -57,9 +57,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import faiss
-    from internvl_fm.retrieval import build_index, parse_memory, recall_at_k
-    from internvl_fm.retrieval.index import search_parameters
-    from internvl_fm.retrieval.store import EmbeddingStore, ShardInfo
+    from internvl_fm.evaluation import neighbor_recall_at_k
+    from internvl_fm.retrieval import EmbeddingStore, ShardInfo, build_index, parse_memory
+    from internvl_fm.retrieval.search import search_parameters
 
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
@@ -92,7 +92,7 @@ def main() -> None:
         params = search_parameters(built.choice.family, tuning.value)
         ann_ids = built.index.search(queries, args.k, params=params)[1]
         exact = faiss.knn(queries, data, args.k, metric=faiss.METRIC_INNER_PRODUCT)[1]
-        recall = recall_at_k(ann_ids, exact, args.k)
+        recall = neighbor_recall_at_k(ann_ids, exact, args.k)
         ann_qps = qps(lambda q: built.index.search(q, args.k, params=params), queries, repeat=3)
         flat_qps = qps(lambda q: faiss.knn(q, data, args.k, metric=faiss.METRIC_INNER_PRODUCT), queries)
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

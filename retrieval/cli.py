@@ -1,7 +1,9 @@
 """`internvl-fm index`, `internvl-fm search` and `internvl-fm serve`.
 
-Every option is checked when it is parsed (a bad value ends the command in one line before any model is loaded);
-errors of the retrieval package (`InternVLError`) reach the `internvl-fm` entry point, which prints them as one line.
+Option values are converted when parsed and checked by the dataclass they fill (EmbedConfig, IndexOptions,
+ModelSpec, ServerConfig), which the command makes before any model is loaded: a bad value ends the command in one
+line naming the flag. Errors of the retrieval package (`InternVLError`) reach the `internvl-fm` entry point, which
+prints them as one line.
 """
 from __future__ import annotations
 
@@ -15,51 +17,56 @@ from collections.abc import Callable
 from pathlib import Path
 
 from internvl_fm.cli_utils import CLIError, HelpFormatter, add_model_options, dtype_or_none, new_parser, resolve_device
+from internvl_fm.models.internvl import MODES
 
-from .embed import MODES, EmbedConfig, EmbedReport
-from .index import check_factory, parse_memory
-from .search import Hit, ImageIndex, IndexOptions
+from .embed import STORAGE_DTYPES, EmbedConfig, EmbedReport
+from .errors import OptionError
+from .index import ImageIndex, IndexOptions
+from .search import Hit, SearchIndex
 
 
-# ------------------------------------------------------------------------------------------ option value checks
-def _bounded(flag: str, kind: type = int, low: float = 1, high: float = float("inf")) -> Callable[[str], float]:
-    """argparse `type=`: a number in [low, high], else a one-line error (CLIError) at parse time."""
+# ------------------------------------------------------------------------------------------ option values
+def _number(flag: str, kind: type = int, low: float = float("-inf"),
+            high: float = float("inf")) -> Callable[[str], float]:
+    """argparse `type=`: a number in [low, high], else a one-line error (CLIError) at parse time.
+
+    Options that fill EmbedConfig / IndexOptions / ServerConfig are only converted here (no bounds): those
+    dataclasses check their values when the command makes them, and `_option_error` names the flag."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
         if value is None or not low <= value <= high:
-            bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
-            raise CLIError(f"{flag} {text!r}: expected {'an integer' if kind is int else 'a number'} {bounds}")
+            bounds = "" if low == float("-inf") else f" >= {low}" if high == float("inf") else f" in [{low}, {high}]"
+            raise CLIError(f"{flag} {text!r}: expected {'an integer' if kind is int else 'a number'}{bounds}")
         return value
     return parse
 
 
-def _checked(flag: str, check: Callable[[str], object]) -> Callable[[str], str]:
-    """argparse `type=`: `check(text)` must accept the value; its error becomes a one-line CLIError."""
-    def parse(text: str) -> str:
-        try:
-            check(text)
-        except ValueError as exc:  # the retrieval errors are ValueErrors
-            raise CLIError(f"{flag}: {exc}") from None
-        return text
-    return parse
+_DEST = {"max_upload_bytes": "max_upload_mb"}  # option -> argparse dest, where they differ
+
+
+def _option_error(exc: OptionError, args: argparse.Namespace) -> CLIError:
+    """An option refused by its dataclass, as a one-line error naming the command-line flag and the value given."""
+    dest = _DEST.get(exc.option, exc.option)
+    converted = f" ({exc.option} = {exc.value!r})" if dest != exc.option else ""
+    return CLIError(f"--{dest.replace('_', '-')} {str(getattr(args, dest, exc.value))!r}: {exc.reason}{converted}")
 
 
 def _add_embed_options(parser: argparse.ArgumentParser, build: bool) -> None:
     """Options of the embedding job; `build` adds those fixed for the life of an index (saved in index.json)."""
     group = parser.add_argument_group("embedding")
-    group.add_argument("--batch-size", type=_bounded("--batch-size"), default=64, help="images per model call")
-    group.add_argument("--num-workers", type=_bounded("--num-workers", low=0), default=2,
+    group.add_argument("--batch-size", type=_number("--batch-size"), default=64, help="images per model call")
+    group.add_argument("--num-workers", type=_number("--num-workers"), default=2,
                        help="DataLoader processes decoding images")
-    group.add_argument("--shard-size", type=_bounded("--shard-size"), default=50_000, help="records per output shard")
+    group.add_argument("--shard-size", type=_number("--shard-size"), default=50_000, help="records per output shard")
     if build:
         group.add_argument("--no-captions", action="store_true", help="do not embed captions")
-        group.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
+        group.add_argument("--storage-dtype", default="float32", metavar="{" + ",".join(STORAGE_DTYPES) + "}",
                            help="dtype of the stored vectors (float16: half the disk)")
     group.add_argument("--distributed", action="store_true", help="embed with Ray Data (the [distributed] extra)")
-    group.add_argument("--ray-workers", type=_bounded("--ray-workers"), default=2,
+    group.add_argument("--ray-workers", type=_number("--ray-workers", low=1), default=2,
                        help="model replicas (Ray actors) with --distributed")
     group.add_argument("--ray-address", default=None, help="Ray cluster address; None: start a local one")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -76,7 +83,7 @@ def _print_report(report: EmbedReport) -> None:
     print(report.summary(), file=sys.stderr)
 
 
-def _describe(index: ImageIndex) -> str:
+def _describe(index: SearchIndex) -> str:
     lines = [(f"{index.root}: {len(index)} rows ({len(index.deleted)} deleted), model {index.spec.path} "
               f"({index.spec.mode}, {index.spec.image_size}px)")]
     for kind, target in index.indexes.items():
@@ -103,15 +110,15 @@ def index_main(argv: list[str]) -> int:
                                       "(file, folder or glob), a datasets folder or hf://name[:split]")
     build.add_argument("output", help="index folder to create (new or empty), or to resume")
     add_model_options(build, model="InternVL-C/G checkpoint folder or hub id")
-    build.add_argument("--mode", choices=MODES, default="InternVL-C", help="which embedding head to use")
+    build.add_argument("--mode", default="InternVL-C", metavar="{" + ",".join(MODES) + "}",
+                       help="which embedding head to use")
     idx = build.add_argument_group("index (saved in index.json; `index add` reuses them)")
-    idx.add_argument("--max-index-memory", type=_checked("--max-index-memory", parse_memory), default="4GB",
-                     help="RAM budget of the index (e.g. 4GB, 512MB)")
-    idx.add_argument("--factory", type=_checked("--factory", check_factory), default=None,
+    idx.add_argument("--max-index-memory", default="4GB", help="RAM budget of the index (e.g. 4GB, 512MB)")
+    idx.add_argument("--factory", default=None,
                      help="force a FAISS factory string; None: chosen from the vector count and the budget")
-    idx.add_argument("--latency-target-ms", type=_bounded("--latency-target-ms", float, 0), default=10.0,
+    idx.add_argument("--latency-target-ms", type=_number("--latency-target-ms", float), default=10.0,
                      help="per-query latency the search knob is tuned for")
-    idx.add_argument("--min-recall", type=_bounded("--min-recall", float, 0, 1), default=0.95,
+    idx.add_argument("--min-recall", type=_number("--min-recall", float), default=0.95,
                      help="recall@10 (vs exact search) the search knob must reach")
     _add_embed_options(build, build=True)
 
@@ -127,14 +134,13 @@ def index_main(argv: list[str]) -> int:
     delete = _subcommand(sub, "delete", "remove rows by id from the index (their metadata rows stay, marked "
                                         "deleted)")
     delete.add_argument("index", help="index folder")
-    delete.add_argument("ids", nargs="+", type=_bounded("ids", low=0), help="row ids (as printed by search / info)")
+    delete.add_argument("ids", nargs="+", type=_number("ids", low=0), help="row ids (as printed by search / info)")
 
     args = parser.parse_args(argv)
-    if args.command == "build":  # checked here too, before anything is loaded
-        args.options = IndexOptions(max_index_memory=args.max_index_memory, factory=args.factory,
-                                    latency_target_ms=args.latency_target_ms, min_recall=args.min_recall)
     try:
         _run_index_command(args)
+    except OptionError as exc:
+        raise _option_error(exc, args) from None
     except KeyboardInterrupt:
         if args.command not in ("build", "add"):
             raise
@@ -145,18 +151,21 @@ def index_main(argv: list[str]) -> int:
 
 
 def _run_index_command(args: argparse.Namespace) -> None:
+    """Run one `index` command; the options are made into their dataclasses (and so checked) before any work."""
     if args.command == "build":
         config = _embed_config(args, captions=not args.no_captions, storage_dtype=args.storage_dtype)
+        options = IndexOptions(max_index_memory=args.max_index_memory, factory=args.factory,
+                               latency_target_ms=args.latency_target_ms, min_recall=args.min_recall)
         dtype = dtype_or_none(args.dtype)
         if args.distributed:
             from .distributed import build_distributed
 
             index = build_distributed(args.source, args.output, args.model, mode=args.mode, embed=config,
-                                      options=args.options, num_workers=args.ray_workers, address=args.ray_address,
+                                      options=options, num_workers=args.ray_workers, address=args.ray_address,
                                       dtype=dtype)
         else:
             index = ImageIndex.build(args.source, args.output, args.model, mode=args.mode, embed=config,
-                                     options=args.options, dtype=dtype, device=resolve_device(args.device))
+                                     options=options, dtype=dtype, device=resolve_device(args.device))
         _print_report(index.last_report)
         print(_describe(index))
     elif args.command == "add":
@@ -172,7 +181,7 @@ def _run_index_command(args: argparse.Namespace) -> None:
         _print_report(report)
         print(_describe(index))
     elif args.command == "info":
-        print(_describe(ImageIndex.load(args.index)))
+        print(_describe(SearchIndex.load(args.index)))
     else:
         index = ImageIndex.load(args.index, mmap=False)
         print(f"deleted {index.delete(args.ids)} row(s)")
@@ -184,7 +193,7 @@ def search_main(argv: list[str]) -> int:
     parser.add_argument("index", help="index folder")
     parser.add_argument("query", nargs="?", default=None, help="text query (any language); before or after options")
     parser.add_argument("--image", default=None, help="search with an image instead of text")
-    parser.add_argument("--top-k", "--k", dest="top_k", metavar="K", type=_bounded("--top-k"), default=10,
+    parser.add_argument("--top-k", "--k", dest="top_k", metavar="K", type=_number("--top-k", low=1), default=10,
                         help="hits to print")
     parser.add_argument("--captions", action="store_true", help="search the caption index (image -> text)")
     parser.add_argument("--html", default=None, help="also write a gallery page of the hits to this file")
@@ -192,7 +201,7 @@ def search_main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if (args.query is None) == (args.image is None):
         parser.error("give a text query or --image PATH (one of them)")
-    index = ImageIndex.load(args.index, device=resolve_device(args.device), dtype=dtype_or_none(args.dtype))
+    index = SearchIndex.load(args.index, device=resolve_device(args.device), dtype=dtype_or_none(args.dtype))
     kind = "text" if args.captions else "image"
     vector = index.embed_text(args.query)[0] if args.query is not None else index.embed_image(args.image)[0]
     hits = index.search_embedding(vector, args.top_k, kind=kind)
@@ -252,18 +261,21 @@ def serve_main(argv: list[str]) -> int:
     parser = new_parser("internvl-fm serve", serve_main.__doc__)
     parser.add_argument("index", help="index folder")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=_bounded("--port", low=0, high=65535), default=8000, help="TCP port")
-    parser.add_argument("--max-k", type=_bounded("--max-k"), default=100, help="largest k a request may ask for")
-    parser.add_argument("--max-upload-mb", type=_bounded("--max-upload-mb", float, 0.001),
-                        default=DEFAULT_MAX_UPLOAD / 2**20, help="largest request body")
+    parser.add_argument("--port", type=_number("--port", low=0, high=65535), default=8000, help="TCP port")
+    parser.add_argument("--max-k", type=_number("--max-k"), default=100, help="largest k a request may ask for")
+    parser.add_argument("--max-upload-mb", type=_number("--max-upload-mb", float), default=DEFAULT_MAX_UPLOAD / 2**20,
+                        help="largest request body")
     parser.add_argument("--api-key", default=None, help="require this key (header X-API-Key or ?api_key=); "
                                                         "None: $INTERNVL_FM_API_KEY when set, else no key")
     add_model_options(parser)
     args = parser.parse_args(argv)
-    index = ImageIndex.load(args.index, device=resolve_device(args.device), dtype=dtype_or_none(args.dtype))
+    try:
+        config = ServerConfig(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                              api_key=args.api_key or os.environ.get("INTERNVL_FM_API_KEY"))
+    except OptionError as exc:
+        raise _option_error(exc, args) from None
+    index = SearchIndex.load(args.index, device=resolve_device(args.device), dtype=dtype_or_none(args.dtype))
     index.model  # load the model before accepting requests  # noqa: B018
-    config = ServerConfig(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                          api_key=args.api_key or os.environ.get("INTERNVL_FM_API_KEY"))
     print(f"serving {args.index} ({len(index)} images) on http://{args.host}:{args.port}", file=sys.stderr)
     serve(index, args.host, args.port, config)
     return 0

@@ -3,8 +3,9 @@
 The driver streams the source in windows of `window_records` (a multiple of the shard size); each window becomes
 a Ray dataset whose `map_batches` runs on an actor pool (each actor loads the model once per window: one replica
 per GPU, or per CPU worker without GPUs); results come back in source order and are committed shard by shard with
-the same writer as the local job. The output contract (img_emb / text_emb / metadata shards, failures, resume by position) is identical, so a
-job can be resumed locally or on a cluster. With a cluster address every machine of the cluster embeds.
+the same writer as the local job. The output contract (img_emb / text_emb / metadata shards, failures, resume by
+position) is identical, so a job can be resumed locally or on a cluster. With a cluster address every machine of
+the cluster embeds.
 """
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ import functools
 import os
 from collections.abc import Callable
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .embed import EmbedConfig, Embedder, EmbedReport, ModelSpec, ShardWriter, model_reference, prepare_batch
-from .search import ImageIndex, IndexOptions
-from .sources import Record, open_source
-from .store import Failure
+from .embed import EmbedConfig, Embedder, EmbedReport, Failure, ModelSpec, ShardWriter, embed_batch, prepare_batch
+from .index import ImageIndex, IndexOptions, Runner
+from .sources import Record, Source, open_source
 
 RECORD_FIELDS = ("position", "key", "path", "data", "caption", "caption_path")
 
@@ -43,21 +44,17 @@ class EmbedWorker:
                           caption=_opt(batch["caption"][i]), caption_path=_opt(batch["caption_path"][i]))
                    for i in range(len(positions))]
         prepared = prepare_batch(records, 0, self.model.image_processor, self.captions)
-        ok = prepared["positions"]  # offsets into this batch of the decodable records
+        with torch.inference_mode():
+            images, texts = embed_batch(self.model, prepared, self.mode)
         n = len(records)
         image_rows, text_rows = [b""] * n, [b""] * n  # float32 bytes: one schema whatever fails
-        with torch.inference_mode():
-            if prepared["pixel_values"] is not None:
-                images = self.model.embed_images(prepared["pixel_values"], mode=self.mode).float().numpy()
-                for offset, row in zip(ok, images):
-                    image_rows[offset] = row.astype(np.float32).tobytes()
-                present = [i for i, c in enumerate(prepared["captions"]) if c is not None]
-                if self.captions and present:
-                    texts = self.model.embed_texts([prepared["captions"][i] for i in present], mode=self.mode)
-                    for i, row in zip(present, texts.float().numpy()):
-                        text_rows[ok[i]] = row.astype(np.float32).tobytes()
+        captions: dict[int, str | None] = {}
+        for row, offset in enumerate(prepared["positions"]):  # offsets into this batch of the decodable records
+            image_rows[offset] = images[row].astype(np.float32).tobytes()
+            captions[offset] = prepared["captions"][row]
+            if captions[offset] is not None:
+                text_rows[offset] = texts[row].astype(np.float32).tobytes()
         failed = {f.source: f.reason for f in prepared["failures"]}
-        captions = dict(zip(ok, prepared["captions"]))
         return {
             "position": np.asarray(positions, dtype=np.int64),
             "ok": np.asarray([i in captions for i in range(n)]),
@@ -82,10 +79,12 @@ def _records_window(records, size: int) -> list[dict]:
 
 
 def embed_with_ray(source: Any, out: str | os.PathLike, model_factory: Callable[[], Embedder],
-                   config: EmbedConfig | None = None, num_workers: int = 2, num_gpus_per_worker: float | None = None,
-                   address: str | None = None, window_records: int = 200_000) -> EmbedReport:
-    """Embed `source` into the store at `out` with Ray Data (`num_workers` model replicas); resumes like the local
-    job. `model_factory` is a picklable zero-argument callable returning the model (e.g. `ModelSpec(...).load`)."""
+                   config: EmbedConfig | None = None, mode: str = "InternVL-C", num_workers: int = 2,
+                   num_gpus_per_worker: float | None = None, address: str | None = None,
+                   window_records: int = 200_000) -> EmbedReport:
+    """Embed `source` into the store at `out` with Ray Data (`num_workers` model replicas, `mode` embeddings);
+    resumes like the local job. `model_factory` is a picklable zero-argument callable returning the model (e.g.
+    `ModelSpec(...).load`)."""
     import ray
 
     config = config or EmbedConfig()
@@ -99,31 +98,27 @@ def embed_with_ray(source: Any, out: str | os.PathLike, model_factory: Callable[
 
     source = open_source(source)
     writer = ShardWriter.resume(source, out, config)
-    start, store, shard_size = writer.start, writer.store, writer.shard_size
-    records = ((position, record) for position, record in enumerate(source.iter_from(start), start))
-    failures: list[Failure] = []
-    bar = tqdm(total=source.length_hint(), initial=start, desc="embedding (ray)", unit="img", disable=not config.progress)
+    shard_size = writer.rows_per_shard
+    records = ((position, record) for position, record in enumerate(source.iter_from(writer.start), writer.start))
+    bar = tqdm(total=source.length_hint(), initial=writer.start, desc="embedding (ray)", unit="img",
+               disable=not config.progress)
     window_size = shard_size * max(1, -(-window_records // shard_size))
     while window := _records_window(records, window_size):
         dataset = ray.data.from_items(window, override_num_blocks=max(1, -(-len(window) // config.batch_size)))
         embedded = dataset.map_batches(
-            EmbedWorker, fn_constructor_args=(model_factory, config.mode, config.captions),
+            EmbedWorker, fn_constructor_args=(model_factory, mode, config.captions),
             batch_size=config.batch_size, batch_format="numpy", concurrency=num_workers, num_cpus=1,
             num_gpus=num_gpus_per_worker)
         rows = sorted(embedded.iter_rows(), key=lambda r: int(r["position"]))
-        for lo in range(0, len(window), config.batch_size):
-            batch, images, texts = _window_batch(window[lo:lo + config.batch_size], rows[lo:lo + config.batch_size])
-            failures += batch["failures"]
-            writer.add(batch, images, texts)
+        for lo in range(0, len(window), shard_size):  # one shard at a time, as the writer commits them
+            writer.add(*_window_batch(window[lo:lo + shard_size], rows[lo:lo + shard_size]))
         bar.update(len(window))
-    writer.flush()
     bar.close()
-    return EmbedReport(source.source_id, start, writer.end - start, writer.rows_written, store.num_rows,
-                       writer.shards_written, failures)
+    return writer.report()
 
 
 def _window_batch(window: list[dict], rows: list[dict]) -> tuple[dict, np.ndarray, np.ndarray | None]:
-    """Ray output rows of some records -> the batch dict + arrays `ShardWriter.add` takes."""
+    """Ray output rows of some records (in source order) -> the batch dict + arrays `ShardWriter.add` takes."""
     if [int(r["position"]) for r in rows] != [w["position"] for w in window]:
         raise RuntimeError("Ray returned a different set of records than it was given")
     kept = [(w, r) for w, r in zip(window, rows) if r["ok"]]
@@ -141,9 +136,12 @@ def _window_batch(window: list[dict], rows: list[dict]) -> tuple[dict, np.ndarra
     return batch, images, texts
 
 
-def _runner(model_factory: Callable[[], Embedder], num_workers: int, address: str | None):
-    return lambda source, out, config: embed_with_ray(source, out, model_factory, config, num_workers,
-                                                      address=address)
+def _runner(model_factory: Callable[[], Embedder] | None, num_workers: int, address: str | None) -> Runner:
+    """The Ray job as `ImageIndex.build` / `add` run it; `model_factory` defaults to loading the index's spec."""
+    def run(source: Source, out: Path, config: EmbedConfig, spec: ModelSpec) -> EmbedReport:
+        factory = model_factory or functools.partial(ModelSpec.load, spec)
+        return embed_with_ray(source, out, factory, config, spec.mode, num_workers, address=address)
+    return run
 
 
 def build_distributed(source: Any, out: str | os.PathLike, model: str | os.PathLike, *, mode: str = "InternVL-C",
@@ -151,15 +149,11 @@ def build_distributed(source: Any, out: str | os.PathLike, model: str | os.PathL
                       address: str | None = None, dtype: str | None = None,
                       model_factory: Callable[[], Embedder] | None = None) -> ImageIndex:
     """`ImageIndex.build` with the embedding step on Ray (`model_factory` defaults to loading `model`)."""
-    model = model_reference(model)  # Ray workers may run in another folder
-    factory = model_factory or functools.partial(ModelSpec.load, ModelSpec(model, mode, dtype=dtype))
     return ImageIndex.build(source, out, model, mode=mode, embed=embed, options=options, dtype=dtype,
-                            runner=_runner(factory, num_workers, address))
+                            runner=_runner(model_factory, num_workers, address))
 
 
 def add_distributed(index: ImageIndex, source: Any, embed: EmbedConfig | None = None, num_workers: int = 2,
                     address: str | None = None, model_factory: Callable[[], Embedder] | None = None) -> EmbedReport:
     """`ImageIndex.add` with the embedding step on Ray."""
-    factory = model_factory or functools.partial(ModelSpec.load, index.spec)
-    return index.add(source, embed, runner=_runner(factory, num_workers, address))
-
+    return index.add(source, embed, runner=_runner(model_factory, num_workers, address))

@@ -1,8 +1,10 @@
-"""FAISS index construction the autofaiss way: pick the index type from the vector count and a memory budget,
-train on a sample, add shard by shard, tune the search parameter to a latency target on held-out queries and
-measure recall@k against exact search.
+"""Building an index: `ImageIndex.build` embeds a source into the store (embed.py) and builds FAISS indexes over it
+the autofaiss way; `add` / `delete` change it. Queries are answered by `SearchIndex` (search.py), which
+`ImageIndex` extends.
 
-All indexes use inner product on L2-normalised vectors (= cosine similarity) and carry the row ids of the
+FAISS construction: pick the index type from the vector count and a memory budget, train on a sample, add shard
+by shard, tune the search parameter to a latency target on held-out queries and measure recall@k against exact
+search. All indexes use inner product on L2-normalised vectors (= cosine similarity) and carry the row ids of the
 embedding store (`add_with_ids`), so an id found in any index points at the same metadata row.
 
 Choice (first that fits `max_memory`):
@@ -18,21 +20,35 @@ factory                     when                                                
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import IndexStateError
+from internvl_fm.evaluation import neighbor_recall_at_k
+from internvl_fm.loading import atomic_write
+
+from .embed import SHARD_DIR, EmbedConfig, Embedder, EmbeddingStore, EmbedReport, ModelSpec, model_reference, \
+    run_embedding
+from .errors import IndexStateError, OptionError, SourceError, check_int, check_number
+from .search import INDEX_FILE, KINDS, SearchIndex, _FaissIndex, exact_search, normalize, search_parameters
+from .sources import Source, open_source
 
 VectorShards = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # () -> iterator of (ids, float32 vectors)
+Runner = Callable[[Source, Path, EmbedConfig, ModelSpec], EmbedReport]  # an embedding job: (source, out, config, model)
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30,
           "T": 2**40, "TB": 2**40}
+FACTORY_FORMS = "Flat, HNSW{M}[,Flat], IVF{L},Flat, [OPQ{m}[_{d}],]IVF{L},PQ{m}[x{bits}]"
+_FACTORY = re.compile(r"Flat|HNSW\d+(,Flat)?|IVF\d+,Flat|(OPQ\d+(_\d+)?,)?IVF\d+,PQ\d+(x\d+)?")
 
 
 def parse_memory(value: str | int) -> int:
@@ -45,17 +61,46 @@ def parse_memory(value: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper().replace("IB", "B")])
 
 
-FACTORY_FORMS = "Flat, HNSW{M}[,Flat], IVF{L},Flat, [OPQ{m}[_{d}],]IVF{L},PQ{m}[x{bits}]"
-_FACTORY = re.compile(r"Flat|HNSW\d+(,Flat)?|IVF\d+,Flat|(OPQ\d+(_\d+)?,)?IVF\d+,PQ\d+(x\d+)?")
+@dataclass
+class IndexOptions:
+    """How the FAISS indexes are chosen and tuned (checked when made; saved in index.json for `add`)."""
+
+    max_index_memory: str | int = "4GB"
+    factory: str | None = None  # force a factory string instead of choosing
+    k: int = 10  # recall@k measured and tuned for
+    num_queries: int = 500  # held-out tuning queries
+    latency_target_ms: float = 10.0
+    min_recall: float = 0.95
+    flat_max: int = 50_000
+    hnsw_max: int = 200_000
+    opq_iterations: int = 20
+
+    def __post_init__(self):
+        try:
+            parse_memory(self.max_index_memory)
+        except (TypeError, ValueError):
+            raise OptionError("max_index_memory", self.max_index_memory,
+                              "cannot read memory size; use e.g. '4GB', '512MB' or a byte count") from None
+        if self.factory is not None and not _FACTORY.fullmatch(self.factory):
+            raise OptionError("factory", self.factory, f"unsupported index factory; use one of: {FACTORY_FORMS}")
+        check_int("k", self.k, 1)
+        check_int("num_queries", self.num_queries, 1)
+        check_number("latency_target_ms", self.latency_target_ms, 0)
+        check_number("min_recall", self.min_recall, 0, 1)
+        check_int("flat_max", self.flat_max, 0)
+        check_int("hnsw_max", self.hnsw_max, 0)
+        check_int("opq_iterations", self.opq_iterations, 1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> IndexOptions:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    @property
+    def max_memory_bytes(self) -> int:
+        return parse_memory(self.max_index_memory)
 
 
-def check_factory(factory: str | None) -> str | None:
-    """A forced FAISS factory string, if it is one of the forms the builder knows how to train and tune."""
-    if factory is not None and not _FACTORY.fullmatch(factory):
-        raise IndexStateError(f"unsupported index factory {factory!r}; use one of: {FACTORY_FORMS}")
-    return factory
-
-
+# ------------------------------------------------------------------------------------------------- the choice
 @dataclass
 class IndexChoice:
     """The chosen index: factory string, family, estimated memory and the parameter to tune."""
@@ -69,6 +114,16 @@ class IndexChoice:
     @property
     def tuned_parameter(self) -> str | None:
         return {"flat": None, "hnsw": "efSearch"}.get(self.family, "nprobe")
+
+    @classmethod
+    def forced(cls, factory: str, n: int, memory_bytes: int) -> IndexChoice:
+        """The choice for a factory string given by the user (one of FACTORY_FORMS)."""
+        family = ("flat" if factory.startswith("Flat") else "hnsw" if factory.startswith("HNSW")
+                  else "ivfpq" if "PQ" in factory else "ivf")
+        nlist = int(re.search(r"IVF(\d+)", factory).group(1)) if "IVF" in factory else 0
+        if n < nlist:
+            raise IndexStateError(f"factory {factory} needs at least {nlist} vectors to train its lists; there are {n}")
+        return cls(factory, family, memory_bytes, nlist, train_size=min(n, 64 * nlist) if nlist else 0)
 
 
 def _nlist(n: int) -> int:
@@ -140,66 +195,7 @@ def new_index(choice: IndexChoice, dim: int, opq_iterations: int = 20, opq_max_t
     return index
 
 
-def search_parameters(family: str, value: int | None, exclude: np.ndarray | None = None):
-    """faiss SearchParameters for one search: the tuned knob and an optional id exclusion (deleted ids).
-
-    Passing the knob per call (instead of setting it on the index) keeps concurrent searches independent.
-    """
-    import faiss
-
-    sel = None
-    if exclude is not None and len(exclude):
-        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64)))
-    if family == "hnsw":
-        params = faiss.SearchParametersHNSW()
-        if value:
-            params.efSearch = int(value)
-    elif family in ("ivf", "ivfpq"):
-        params = faiss.SearchParametersIVF()
-        if value:
-            params.nprobe = int(value)
-    else:
-        params = faiss.SearchParameters()
-    if sel is not None:
-        params.sel = sel
-        params._keep_alive = sel  # the swig object must outlive the params
-    return params
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation (float32, contiguous); zero rows stay zero."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim == 1:
-        x = x[None]
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def exact_search(shards: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int,
-                 exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner-product search streamed over `(ids, vectors)` shards (memory: one shard)."""
-    import faiss
-
-    queries = normalize(queries)
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
-    for ids, vectors in shards:
-        if exclude is not None and len(exclude):
-            keep = ~np.isin(ids, exclude)
-            ids, vectors = ids[keep], vectors[keep]
-        if not len(ids):
-            continue
-        distances, positions = faiss.knn(queries, normalize(vectors), min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(distances, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1))
-    heap.finalize()
-    return heap.D, heap.I
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean fraction of the true top-k ids that the approximate top-k contains."""
-    hits = [len(set(f[:k]) & set(t[:k]) - {-1}) / max(1, len(set(t[:k]) - {-1})) for f, t in zip(found, truth)]
-    return float(np.mean(hits)) if hits else 1.0
-
-
+# ------------------------------------------------------------------------------------------------- the tuning
 @dataclass
 class TuneResult:
     """The tuned search parameter with its measured recall and latency, and the whole measured curve."""
@@ -227,10 +223,10 @@ def _candidates(family: str, nlist: int, k: int) -> list[int | None]:
 
 def measure(index, family: str, value: int | None, queries: np.ndarray, truth: np.ndarray, k: int,
             latency_queries: int = 100, exclude: np.ndarray | None = None) -> tuple[float, float]:
-    """(recall@k over all queries, median single-query latency in ms over the first `latency_queries`)."""
+    """(neighbour recall@k over all queries, median single-query latency in ms over the first `latency_queries`)."""
     params = search_parameters(family, value, exclude)
     _, found = index.search(queries, k, params=params)
-    recall = recall_at_k(found, truth, k)
+    recall = neighbor_recall_at_k(found, truth, k)
     times = []
     for row in queries[:latency_queries]:
         start = time.perf_counter()
@@ -274,6 +270,20 @@ def sample_vectors(shards: VectorShards, n: int, size: int, seed: int = 0,
     return chosen, normalize(np.concatenate(parts)) if parts else np.zeros((0, dim), np.float32)
 
 
+def evaluate(index, choice: IndexChoice, shards: VectorShards, queries: np.ndarray, k: int = 10,
+             latency_target_ms: float = 10.0, min_recall: float = 0.95, value: int | None = None,
+             exclude: np.ndarray | None = None) -> TuneResult:
+    """Exact ground truth for `queries`, then tune (or, with `value`, just measure) the search knob."""
+    k = min(k, int(index.ntotal)) or 1
+    _, truth = exact_search(shards(), queries, k, exclude)
+    if value is not None or choice.family == "flat":
+        recall, latency = measure(index, choice.family, value, queries, truth, k, exclude=exclude)
+        return TuneResult(choice.tuned_parameter, value, recall, latency, k, len(queries),
+                          [{"value": value, "recall": recall, "latency_ms": latency}])
+    return tune(index, choice.family, queries, truth, k, latency_target_ms, min_recall, choice.nlist, exclude)
+
+
+# -------------------------------------------------------------------------------------------------- the build
 @dataclass
 class BuildResult:
     """A built index and what is saved beside it."""
@@ -301,20 +311,21 @@ def build_index(shards: VectorShards, n: int, dim: int, max_memory: str | int = 
                 k: int = 10, num_queries: int = 500, latency_target_ms: float = 10.0, min_recall: float = 0.95,
                 flat_max: int = 50_000, hnsw_max: int = 200_000, opq_iterations: int = 20, seed: int = 0,
                 progress: bool = True) -> BuildResult:
-    """Choose, train (on a sample), fill (shard by shard), tune and measure an index over streamed shards."""
+    """Choose, train (on a sample), fill (shard by shard), tune and measure an index over streamed shards (the
+    keywords are those of `IndexOptions`)."""
+    options = IndexOptions(max_memory, factory, k, num_queries, latency_target_ms, min_recall, flat_max, hnsw_max,
+                           opq_iterations)
+    return _build_faiss(shards, n, dim, options, seed, progress)
+
+
+def _build_faiss(shards: VectorShards, n: int, dim: int, options: IndexOptions, seed: int = 0,
+                 progress: bool = True) -> BuildResult:
     start = time.perf_counter()
-    choice = choose_index(n, dim, max_memory, flat_max, hnsw_max)
-    if factory:
-        family = ("flat" if factory.startswith("Flat") else "hnsw" if factory.startswith("HNSW")
-                  else "ivfpq" if "PQ" in factory else "ivf")
-        nlist = int(re.search(r"IVF(\d+)", factory).group(1)) if "IVF" in factory else 0
-        choice = IndexChoice(factory, family, choice.memory_bytes, nlist,
-                             train_size=min(n, 64 * nlist) if nlist else 0)
-        if n < nlist:
-            raise IndexStateError(f"factory {factory} needs at least {nlist} vectors to train its lists; "
-                                  f"there are {n}")
-    index = new_index(choice, dim, opq_iterations)
-    query_positions, queries = sample_vectors(shards, n, min(num_queries, n), seed=seed + 1)
+    choice = choose_index(n, dim, options.max_memory_bytes, options.flat_max, options.hnsw_max)
+    if options.factory:
+        choice = IndexChoice.forced(options.factory, n, choice.memory_bytes)
+    index = new_index(choice, dim, options.opq_iterations)
+    query_positions, queries = sample_vectors(shards, n, min(options.num_queries, n), seed=seed + 1)
     train_seconds = 0.0
     if not index.is_trained:
         t0 = time.perf_counter()
@@ -328,19 +339,239 @@ def build_index(shards: VectorShards, n: int, dim: int, max_memory: str | int = 
         index.add_with_ids(normalize(vectors), np.ascontiguousarray(ids, dtype=np.int64))
     add_seconds = time.perf_counter() - t0
     result = BuildResult(index, choice, None, int(index.ntotal), dim, 0.0, train_seconds, add_seconds)
-    result.tuning = evaluate(index, choice, shards, queries, k, latency_target_ms, min_recall)
+    result.tuning = evaluate(index, choice, shards, queries, options.k, options.latency_target_ms,
+                             options.min_recall)
     result.build_seconds = time.perf_counter() - start
     return result
 
 
-def evaluate(index, choice: IndexChoice, shards: VectorShards, queries: np.ndarray, k: int = 10,
-             latency_target_ms: float = 10.0, min_recall: float = 0.95, value: int | None = None,
-             exclude: np.ndarray | None = None) -> TuneResult:
-    """Exact ground truth for `queries`, then tune (or, with `value`, just measure) the search knob."""
-    k = min(k, int(index.ntotal)) or 1
-    _, truth = exact_search(shards(), queries, k, exclude)
-    if value is not None or choice.family == "flat":
-        recall, latency = measure(index, choice.family, value, queries, truth, k, exclude=exclude)
-        return TuneResult(choice.tuned_parameter, value, recall, latency, k, len(queries),
-                          [{"value": value, "recall": recall, "latency_ms": latency}])
-    return tune(index, choice.family, queries, truth, k, latency_target_ms, min_recall, choice.nlist, exclude)
+class ImageIndex(SearchIndex):
+    """A searchable image (and caption) collection that can be built and changed.
+
+    Build with `ImageIndex.build(source, out, model)`, open with `ImageIndex.load(out)`; extend with `add`, remove
+    rows with `delete`; query with the `SearchIndex` methods (`search_text`, `search_image`, ...).
+    """
+
+    def __init__(self, root: str | os.PathLike, model: Embedder | None = None, mmap: bool = True,
+                 device: str | None = None, dtype: str | None = None):
+        super().__init__(root, model=model, mmap=mmap, device=device, dtype=dtype)
+        self.last_report: EmbedReport | None = None  # of the last build / add in this process
+
+    @classmethod
+    def build(cls, source: Any, out: str | os.PathLike, model: Embedder | str | os.PathLike, *,
+              mode: str = "InternVL-C", embed: EmbedConfig | None = None, options: IndexOptions | None = None,
+              model_path: str | None = None, dtype: str | None = None, device: str | None = None,
+              runner: Runner | None = None) -> ImageIndex:
+        """Embed `source` into `out` (resuming a previous run) and build the image / caption indexes.
+
+        `model` is an InternVL-C/G checkpoint path / hub id, or an already loaded model (then `model_path`, or
+        its `name_or_path`, is what the index remembers for later loading). `dtype` (None: the checkpoint's) and
+        `device` apply when the model is loaded here. `runner(source, out, config, spec)` replaces the local
+        embedding job (`distributed.build_distributed` passes the Ray job); the model is then not loaded here.
+        The source and output folder are checked before the model is loaded; the options, the embedding
+        settings and the model spec are saved in `index.json`, so `add` and search reuse them.
+        """
+        out = Path(out)
+        _check_build_folders(source, out)
+        src = _open_nonempty(source)
+        options = options or IndexOptions()
+        embed = embed or EmbedConfig()
+        spec, model = _resolve_model(model, mode, model_path, dtype, device, load=runner is None)
+        out.mkdir(parents=True, exist_ok=True)
+        store = EmbeddingStore(out)
+        config_file = out / INDEX_FILE
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {
+            "model": spec.to_dict(), "image_roots": [], "sources": [], "deleted": []}
+        _check_same_model(config, spec, out)
+        saved_embed = {"captions": embed.captions, "storage_dtype": store.check_storage_dtype(embed.storage_dtype)}
+        config.update(model=spec.to_dict(), options=asdict(options), embed=saved_embed)
+        _remember_source(config, src)
+        _write_json(config_file, config)  # before embedding: a resumed build knows its model and roots
+        report = (runner or _local_runner(model))(src, out, embed, spec)
+        if store.num_rows == 0:
+            first = f" (e.g. {report.failures[0].source}: {report.failures[0].reason})" if report.failures else ""
+            raise SourceError(f"no image of {source} could be read{first}: nothing to index")
+        for kind in KINDS:
+            built = _build_kind(store, kind, options, spec, config.get("deleted", []), embed.progress)
+            if built is not None:
+                built.write(out / f"{kind}.index")
+        config["last_report"] = _report_dict(report)
+        _write_json(config_file, config)
+        index = cls(out, model=model, device=device)
+        index.last_report = report
+        return index
+
+    @property
+    def options(self) -> IndexOptions:
+        """The index options saved at build time (defaults for indexes built before they were saved)."""
+        return IndexOptions.from_dict(self.config.get("options", {}))
+
+    def add(self, source: Any, embed: EmbedConfig | None = None, runner: Runner | None = None) -> EmbedReport:
+        """Embed `source` into the store and add the new rows to the indexes (incremental; ids continue).
+
+        `embed` defaults to the settings the index was built with (captions, storage dtype); a new caption
+        index is built with the saved index options.
+        """
+        embed = embed or EmbedConfig(**self.config.get("embed", {}))
+        src = _open_nonempty(source)
+        _remember_source(self.config, src)
+        self._save_config()
+        report = (runner or _local_runner(self.model))(src, self.root, embed, self.spec)
+        self._writable()
+        for kind in KINDS:
+            if kind not in self.indexes:
+                built = _build_kind(self.store, kind, self.options, self.spec, self.deleted.tolist(), embed.progress)
+                if built is not None:
+                    self.indexes[kind] = built
+                continue
+            target = self.indexes[kind]
+            # rows embedded since the index was last saved (also those of an earlier add that was interrupted)
+            for ids, vectors in self.store.iter_embeddings(kind, start_id=target.info["indexed_rows"]):
+                target.index.add_with_ids(normalize(vectors), ids)
+            target.info["indexed_rows"] = self.store.num_rows
+            self._remeasure(kind)
+        self.config["last_report"] = _report_dict(report)
+        self.save()
+        self._load_metadata()
+        self.last_report = report
+        return report
+
+    def delete(self, ids: Any) -> int:
+        """Remove rows by id from every index (their metadata stays, marked deleted). Returns how many were new."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64).ravel())
+        bad = ids[(ids < 0) | (ids >= len(self))]
+        if len(bad):
+            raise IndexStateError(f"ids {bad[:10].tolist()} are not in the index (0..{len(self) - 1})")
+        self._writable()
+        new = np.setdiff1d(ids, self.deleted)
+        for target in self.indexes.values():
+            _remove_ids(target.index, new)
+        self.deleted = np.union1d(self.deleted, new)
+        self.config["deleted"] = self.deleted.tolist()
+        self.save()
+        return len(new)
+
+    def save(self) -> None:
+        """Write the indexes and `index.json` atomically."""
+        for kind, target in self.indexes.items():
+            target.info["ntotal"] = int(target.index.ntotal)
+            target.write(self.root / f"{kind}.index")
+        self._save_config()
+
+    def _save_config(self) -> None:
+        _write_json(self.root / INDEX_FILE, self.config)
+
+    def _writable(self) -> None:
+        """Memory-mapped indexes are read-only: reload them into RAM before changing them."""
+        if self._mmap:
+            for kind in list(self.indexes):
+                self.indexes[kind] = _FaissIndex.read(self.root / f"{kind}.index", mmap=False)
+            self._mmap = False
+
+    def _remeasure(self, kind: str, num_queries: int = 200) -> None:
+        """Re-measure recall@k of the current search knob after the index changed."""
+        target = self.indexes[kind]
+        shards = lambda: self.store.iter_embeddings(kind)
+        n = sum(len(ids) for ids, _ in shards())
+        _, queries = sample_vectors(shards, n, min(num_queries, n), seed=1)
+        search = target.info.get("search") or {}
+        choice = IndexChoice(target.info["factory"], target.family, 0, target.info.get("nlist", 0))
+        result = evaluate(target.index, choice, shards, queries, search.get("k", 10), value=search.get("value"),
+                          exclude=self.deleted)
+        target.info["search"] = asdict(result) | {"curve": search.get("curve", [])}
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _local_runner(model: Embedder) -> Runner:
+    return lambda source, out, config, spec: run_embedding(source, out, model, config, spec.mode)
+
+
+def _check_build_folders(source: Any, out: Path) -> None:
+    """Refuse an index folder as the source, and an output folder that is neither new, empty, an index nor an
+    embedding store (e.g. the photos, when SOURCE and OUTPUT were swapped): nothing may be written into it."""
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / INDEX_FILE).is_file():
+        raise IndexStateError(f"the source {source} is a search index, not images (did you swap SOURCE and "
+                              f"OUTPUT?); to add images to it: `internvl-fm index add {source} SOURCE`")
+    if out.exists() and not out.is_dir():
+        raise IndexStateError(f"the output {out} is a file; give a folder")
+    known = (out / INDEX_FILE).is_file() or (out / SHARD_DIR).is_dir()
+    if out.is_dir() and not known and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise IndexStateError(f"the output folder {out} is not empty and holds no search index (did you swap SOURCE "
+                              "and OUTPUT?); give a new or empty folder")
+
+
+def _open_nonempty(source: Any) -> Source:
+    """`open_source`, refusing a source without a single record (an empty folder would give a 0-row index)."""
+    src = open_source(source)
+    if next(iter(src), None) is None:
+        raise SourceError(f"the source {source} holds no images: nothing to index")
+    return src
+
+
+def _resolve_model(model: Any, mode: str, model_path: str | None, dtype: str | None = None,
+                   device: str | None = None, load: bool = True) -> tuple[ModelSpec, Embedder | None]:
+    if isinstance(model, (str, os.PathLike)):
+        spec = ModelSpec(model_reference(model), mode, dtype=dtype)
+        if not load:
+            from internvl_fm.models.internvl import InternVLConfig
+
+            spec.image_size = int(InternVLConfig.from_pretrained(spec.path).image_size)
+            return spec, None
+        return spec, spec.load(device)
+    path = model_path or getattr(model, "name_or_path", None)
+    if path is None:
+        raise IndexStateError("a model object was given without `model_path` (and it has no `name_or_path`): "
+                              "the index must remember how to load its model")
+    dtype = getattr(model, "dtype", None)
+    spec = ModelSpec(model_reference(path), mode, getattr(model, "image_size", None),
+                     str(dtype).removeprefix("torch.") if dtype is not None else "float32")
+    return spec, model
+
+
+def _check_same_model(config: dict, spec: ModelSpec, out: Path) -> None:
+    old = ModelSpec.from_dict(config["model"])
+    if (old.path, old.mode) != (spec.path, spec.mode) and EmbeddingStore(out).num_rows:
+        raise IndexStateError(f"{out} holds embeddings of {old.path} ({old.mode}); cannot continue it with "
+                              f"{spec.path} ({spec.mode}) - use another output folder")
+
+
+def _remember_source(config: dict, source: Source) -> None:
+    if source.source_id not in config["sources"]:
+        config["sources"].append(source.source_id)
+    config["image_roots"] = sorted(set(config["image_roots"]) | set(source.roots))
+
+
+def _remove_ids(index: Any, ids: np.ndarray) -> None:
+    """Remove ids from a faiss index; HNSW cannot remove, its deleted ids are filtered at search time."""
+    import faiss
+
+    try:
+        index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64)))
+    except RuntimeError:
+        pass
+
+
+def _build_kind(store: EmbeddingStore, kind: str, options: IndexOptions, spec: ModelSpec, deleted: list[int],
+                progress: bool = True) -> _FaissIndex | None:
+    """The FAISS index (with its description) over the store's `kind` vectors; None when there are none."""
+    shards = lambda: store.iter_embeddings(kind)
+    n = sum(len(ids) for ids, _ in shards())
+    if n == 0:
+        return None
+    dim = next(shards())[1].shape[1]
+    result = _build_faiss(shards, n, dim, options, progress=progress)
+    if deleted:
+        _remove_ids(result.index, np.asarray(deleted))
+    info = {**result.info(), "model": spec.to_dict(), "kind": kind, "indexed_rows": store.num_rows}
+    return _FaissIndex(result.index, info)
+
+
+def _report_dict(report: EmbedReport) -> dict:
+    data = asdict(report)
+    data["failures"] = data["failures"][:1000]
+    return data
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=1))

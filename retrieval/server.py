@@ -1,4 +1,4 @@
-"""HTTP service over an `ImageIndex`: search by text / image / embedding, image files, health, metrics, web page.
+"""HTTP service over a search index: search by text / image / embedding, image files, health, metrics, web page.
 
 Endpoints::
 
@@ -13,6 +13,11 @@ Endpoints::
 Safety: binds 127.0.0.1 unless told otherwise (cli), request bodies over `max_upload_bytes` are refused with 413
 before they are read, `k` is capped, an optional API key (header `X-API-Key` or `?api_key=`) guards everything
 except `/health` and the page itself.
+
+Layout: `ServerConfig` (limits, checked when made); the pydantic models `SearchRequest` (every field of a query
+checked once, where the request comes in) and `SearchResponse` / `SearchHit` / `Health`; `SearchService` (the
+index, one model call at a time, the text-embedding cache, the metrics); the routers `public` (page, health) and
+`api` (search, images, metrics; behind the API key), which `create_app` mounts.
 """
 from __future__ import annotations
 
@@ -28,31 +33,135 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from internvl_fm.errors import ImageLoadError
 
-from .errors import IndexStateError
-from .search import Hit, ImageIndex
+from .errors import IndexStateError, check_int
+from .search import Hit, SearchIndex
 
 DEFAULT_MAX_UPLOAD = 8 * 2**20
+_KINDS = {"images": "image", "captions": "text"}  # request target -> index kind
 
 
 @dataclass
 class ServerConfig:
-    """Limits and access control of the service."""
+    """Limits and access control of the service (checked when made)."""
 
     max_k: int = 100
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     max_query_chars: int = 1000
     api_key: str | None = None
 
+    def __post_init__(self):
+        check_int("max_k", self.max_k, 1)
+        check_int("max_upload_bytes", self.max_upload_bytes, 1)
+        check_int("max_query_chars", self.max_query_chars, 1)
 
+
+# -------------------------------------------------------------------------------------- request / response models
+def _limits(info: ValidationInfo) -> ServerConfig:
+    """The service's limits, passed as validation context (defaults without one)."""
+    return (info.context or {}).get("config") or ServerConfig()
+
+
+class SearchRequest(BaseModel):
+    """One search. The query is the image when one is given (bytes; base64 in JSON), else the embedding, else the
+    text; `k` hits (1..max_k) from the image or the caption index. Validate with `context={"config": ...}`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str | None = None
+    image: bytes | None = None
+    embedding: list[float] | None = None
+    k: int = 10
+    target: Literal["images", "captions"] = "images"
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _decode_image(cls, value: Any) -> Any:
+        if isinstance(value, str) and value:  # JSON carries base64
+            try:
+                return base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("must be base64 in JSON") from None
+        return value or None  # an empty upload is no image
+
+    @field_validator("k")
+    @classmethod
+    def _k_within_limit(cls, k: int, info: ValidationInfo) -> int:
+        max_k = _limits(info).max_k
+        if not 1 <= k <= max_k:
+            raise ValueError(f"must be between 1 and {max_k}, got {k}")
+        return k
+
+    @model_validator(mode="after")
+    def _check_query(self, info: ValidationInfo) -> SearchRequest:
+        if self.image is not None:
+            return self
+        if self.embedding is not None:
+            with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused here
+                finite = bool(self.embedding) and np.isfinite(np.asarray(self.embedding, dtype=np.float32)).all()
+            if not finite:
+                raise ValueError("embedding must be one finite vector")
+            return self
+        if self.text is None or not self.text.strip():
+            raise ValueError("text must be a non-empty string")
+        max_chars = _limits(info).max_query_chars
+        if len(self.text) > max_chars:
+            raise ValueError(f"text longer than {max_chars} characters")
+        self.text = self.text.strip()
+        return self
+
+
+class SearchHit(BaseModel):
+    """A hit as clients see it: id, score, key, caption, image URL and file name (never a server path)."""
+
+    id: int
+    score: float
+    key: str
+    caption: str | None
+    url: str
+    file: str | None
+
+    @classmethod
+    def of(cls, hit: Hit) -> SearchHit:
+        return cls(id=hit.id, score=round(hit.score, 6), key=hit.key, caption=hit.caption, url=f"/images/{hit.id}",
+                   file=Path(hit.image_path).name if hit.image_path else None)
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    target: str
+    took_ms: float
+
+
+class Health(BaseModel):
+    status: str
+    rows: int
+    deleted: int
+    indexes: dict[str, str | None]
+
+
+def _validated(params: dict[str, Any], config: ServerConfig) -> SearchRequest:
+    """`params` as a SearchRequest, or a 422 naming each refused field."""
+    try:
+        return SearchRequest.model_validate(params, context={"config": config})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+        raise HTTPException(422, "; ".join(problems)) from None
+
+
+# ------------------------------------------------------------------------------------------------- the service
 class _Metrics:
     """Request counters and latency sums, rendered in the Prometheus text format."""
 
@@ -68,7 +177,7 @@ class _Metrics:
             self.seconds[endpoint] += seconds
             self.counts[endpoint] += 1
 
-    def render(self, index: ImageIndex) -> str:
+    def render(self, index: SearchIndex) -> str:
         with self._lock:
             lines = ["# HELP internvl_fm_requests_total HTTP requests by endpoint and status.",
                      "# TYPE internvl_fm_requests_total counter"]
@@ -147,158 +256,160 @@ def _page() -> str:
     return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-def create_app(index: ImageIndex, config: ServerConfig | None = None):
-    """The FastAPI application serving `index`."""
-    config = config or ServerConfig()
-    app = FastAPI(title="internvl-fm search", docs_url=None, redoc_url=None)
-    metrics = _Metrics()
-    model_lock = threading.Lock()  # one model call at a time: concurrent torch calls only oversubscribe the CPU
-    page = _page()
+class SearchService:
+    """What the routes share: the index, its limits, one model call at a time (concurrent torch calls only
+    oversubscribe the CPU), a cache of text embeddings, the metrics and the page."""
 
-    @lru_cache(maxsize=4096)
-    def text_vector(text: str) -> np.ndarray:
-        with model_lock:
-            return index.embed_text(text)[0]
+    def __init__(self, index: SearchIndex, config: ServerConfig):
+        self.index, self.config = index, config
+        self.metrics = _Metrics()
+        self.page = _page()
+        self._model_lock = threading.Lock()
+        self.text_vector = lru_cache(maxsize=4096)(self._embed_text)
 
-    def image_vector(data: bytes) -> np.ndarray:
+    def _embed_text(self, text: str) -> np.ndarray:
+        with self._model_lock:
+            return self.index.embed_text(text)[0]
+
+    def image_vector(self, data: bytes) -> np.ndarray:
         try:
-            with model_lock:
-                return index.embed_image(data)[0]
+            with self._model_lock:
+                return self.index.embed_image(data)[0]
         except ImageLoadError as exc:
             raise HTTPException(400, f"cannot read the uploaded image: {exc.reason}") from exc
 
-    def check_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("x-api-key") or request.query_params.get("api_key") or ""
-        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key (header X-API-Key or ?api_key=)")
-
-    def check_k(k: Any) -> int:
+    def search(self, query: SearchRequest) -> SearchResponse:
+        started = time.perf_counter()
+        if query.image is not None:
+            vector = self.image_vector(query.image)
+        elif query.embedding is not None:
+            vector = np.asarray(query.embedding, dtype=np.float32)
+        else:
+            vector = self.text_vector(query.text)
         try:
-            k = int(k)
-        except (TypeError, ValueError) as exc:
-            raise HTTPException(422, f"k must be an integer, got {k!r}") from exc
-        if not 1 <= k <= config.max_k:
-            raise HTTPException(422, f"k must be between 1 and {config.max_k}, got {k}")
-        return k
-
-    def run(vector: np.ndarray, k: int, target: str, started: float) -> dict:
-        kind = {"images": "image", "captions": "text"}.get(target)
-        if kind is None:
-            raise HTTPException(422, f"target must be 'images' or 'captions', got {target!r}")
-        try:
-            hits = index.search_embedding(vector, k, kind=kind)
+            hits = self.index.search_embedding(vector, query.k, kind=_KINDS[query.target])
         except IndexStateError as exc:
             raise HTTPException(422, str(exc)) from exc
-        return {"results": [_public(h) for h in hits], "target": target,
-                "took_ms": round((time.perf_counter() - started) * 1000, 3)}
+        return SearchResponse(results=[SearchHit.of(h) for h in hits], target=query.target,
+                              took_ms=round((time.perf_counter() - started) * 1000, 3))
 
-    def text_query(text: Any) -> np.ndarray:
-        if not isinstance(text, str) or not text.strip():
-            raise HTTPException(422, "text must be a non-empty string")
-        if len(text) > config.max_query_chars:
-            raise HTTPException(422, f"text longer than {config.max_query_chars} characters")
-        return text_vector(text.strip())
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        endpoint = request.scope.get("path", "")
-        endpoint = "/images" if endpoint.startswith("/images/") else endpoint
-        if endpoint not in ("/", "/search", "/images", "/health", "/metrics"):
-            endpoint = "other"
-        response = await call_next(request)
-        metrics.observe(endpoint, response.status_code, time.perf_counter() - started)
-        return response
+def _service(request: Request) -> SearchService:
+    return request.app.state.service
 
-    @app.get("/", response_class=HTMLResponse)
-    def home() -> HTMLResponse:
-        return HTMLResponse(page)
 
-    @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "rows": len(index), "deleted": len(index.deleted),
-                "indexes": {kind: target.info.get("factory") for kind, target in index.indexes.items()}}
+Service = Annotated[SearchService, Depends(_service)]
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def get_metrics(request: Request) -> PlainTextResponse:
-        check_key(request)
-        return PlainTextResponse(metrics.render(index), media_type="text/plain; version=0.0.4")
 
-    @app.get("/search")
-    def search_get(request: Request, text: str = "", k: str = "10", target: str = "images") -> dict:
-        check_key(request)
-        started = time.perf_counter()
-        return run(text_query(text), check_k(k), target, started)
+def require_key(request: Request, service: Service) -> None:
+    """401 unless the request carries the API key (when the service has one)."""
+    if service.config.api_key is None:
+        return
+    given = request.headers.get("x-api-key") or request.query_params.get("api_key") or ""
+    if not hmac.compare_digest(given.encode(), service.config.api_key.encode()):
+        raise HTTPException(401, "missing or wrong API key (header X-API-Key or ?api_key=)")
 
-    @app.post("/search")
-    async def search_post(request: Request) -> JSONResponse:
-        check_key(request)
-        started = time.perf_counter()
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        params = dict(request.query_params)
-        if content_type == "application/json":
-            try:
-                payload = await request.json()
-            except ValueError as exc:
-                raise HTTPException(400, "body is not valid JSON") from exc
-            if not isinstance(payload, dict):
-                raise HTTPException(422, "JSON body must be an object")
-            params.update(payload)
-        elif content_type == "multipart/form-data":
-            form = await request.form()
-            for name, value in form.multi_items():
-                params[name] = await value.read() if hasattr(value, "read") else value
-        elif content_type.startswith("image/") or content_type == "application/octet-stream":
-            params["image"] = await request.body()
-        else:
-            raise HTTPException(415, "send JSON, a multipart form or a raw image body")
-        k, target = check_k(params.get("k", 10)), str(params.get("target", "images"))
 
-        if params.get("image") not in (None, b"", ""):
-            data = params["image"]
-            if isinstance(data, str):
-                try:
-                    data = base64.b64decode(data, validate=True)
-                except (binascii.Error, ValueError) as exc:
-                    raise HTTPException(422, "image must be base64 in JSON") from exc
-            vector = await run_in_threadpool(image_vector, data)
-        elif params.get("embedding") is not None:
-            try:
-                vector = np.asarray(params["embedding"], dtype=np.float32)
-            except (TypeError, ValueError) as exc:
-                raise HTTPException(422, "embedding must be a list of numbers") from exc
-            if vector.ndim != 1 or not np.isfinite(vector).all():
-                raise HTTPException(422, "embedding must be one finite vector")
-        else:
-            vector = await run_in_threadpool(text_query, params.get("text"))
-        return JSONResponse(await run_in_threadpool(run, vector, k, target, started))
+def _get_query(request: Request, service: Service) -> SearchRequest:
+    """A GET search: text, k and target from the query string."""
+    params = {name: request.query_params[name] for name in ("text", "k", "target") if name in request.query_params}
+    return _validated(params, service.config)
 
-    @app.get("/images/{image_id}")
-    def get_image(request: Request, image_id: str) -> FileResponse:
-        check_key(request)
-        if not image_id.isdigit() or int(image_id) >= len(index) or index.is_deleted(int(image_id)):
-            raise HTTPException(404, "no such image id")
-        path = index.hit(int(image_id), 0.0).image_path
-        if path is None or not os.path.isfile(path):
-            raise HTTPException(404, "this image has no file on disk (it came from shards or a table)")
-        if not _within(path, index.image_roots):
-            raise HTTPException(403, "image outside the index's image roots")
-        media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return FileResponse(os.path.realpath(path), media_type=media_type)
 
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_upload_bytes)
+async def _post_query(request: Request, service: Service) -> SearchRequest:
+    """A POST search: a JSON object, a multipart form or a raw image body (plus the query string)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    params: dict[str, Any] = dict(request.query_params)
+    if content_type == "application/json":
+        try:
+            payload = await request.json()
+        except ValueError as exc:
+            raise HTTPException(400, "body is not valid JSON") from exc
+        if not isinstance(payload, dict):
+            raise HTTPException(422, "JSON body must be an object")
+        params.update(payload)
+    elif content_type == "multipart/form-data":
+        form = await request.form()
+        for name, value in form.multi_items():
+            params[name] = await value.read() if hasattr(value, "read") else value
+    elif content_type.startswith("image/") or content_type == "application/octet-stream":
+        params["image"] = await request.body()
+    else:
+        raise HTTPException(415, "send JSON, a multipart form or a raw image body")
+    return _validated(params, service.config)
+
+
+# ------------------------------------------------------------------------------------------------- the routers
+public = APIRouter()
+api = APIRouter(dependencies=[Depends(require_key)])
+
+
+@public.get("/", response_class=HTMLResponse)
+def home(service: Service) -> HTMLResponse:
+    return HTMLResponse(service.page)
+
+
+@public.get("/health", response_model=Health)
+def health(service: Service) -> Health:
+    index = service.index
+    return Health(status="ok", rows=len(index), deleted=len(index.deleted),
+                  indexes={kind: target.info.get("factory") for kind, target in index.indexes.items()})
+
+
+@api.get("/metrics", response_class=PlainTextResponse)
+def get_metrics(service: Service) -> PlainTextResponse:
+    return PlainTextResponse(service.metrics.render(service.index), media_type="text/plain; version=0.0.4")
+
+
+@api.get("/search", response_model=SearchResponse)
+def search_get(query: Annotated[SearchRequest, Depends(_get_query)], service: Service) -> SearchResponse:
+    return service.search(query)
+
+
+@api.post("/search", response_model=SearchResponse)
+def search_post(query: Annotated[SearchRequest, Depends(_post_query)], service: Service) -> SearchResponse:
+    return service.search(query)
+
+
+@api.get("/images/{image_id}")
+def get_image(image_id: str, service: Service) -> FileResponse:
+    index = service.index
+    if not image_id.isdigit() or int(image_id) >= len(index) or index.is_deleted(int(image_id)):
+        raise HTTPException(404, "no such image id")
+    path = index.hit(int(image_id), 0.0).image_path
+    if path is None or not os.path.isfile(path):
+        raise HTTPException(404, "this image has no file on disk (it came from shards or a table)")
+    if not _within(path, index.image_roots):
+        raise HTTPException(403, "image outside the index's image roots")
+    media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    return FileResponse(os.path.realpath(path), media_type=media_type)
+
+
+_ENDPOINTS = ("/", "/search", "/images", "/health", "/metrics")
+
+
+async def _observe(request: Request, call_next):
+    """Middleware: count every request by endpoint and status, with its latency."""
+    started = time.perf_counter()
+    path = request.scope.get("path", "")
+    endpoint = "/images" if path.startswith("/images/") else path if path in _ENDPOINTS else "other"
+    response = await call_next(request)
+    request.app.state.service.metrics.observe(endpoint, response.status_code, time.perf_counter() - started)
+    return response
+
+
+def create_app(index: SearchIndex, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI application serving `index`."""
+    app = FastAPI(title="internvl-fm search", docs_url=None, redoc_url=None)
+    app.state.service = SearchService(index, config or ServerConfig())
+    app.include_router(public)
+    app.include_router(api)
+    app.middleware("http")(_observe)
+    app.add_middleware(BodySizeLimit, max_bytes=app.state.service.config.max_upload_bytes)
     return app
 
 
-def _public(hit: Hit) -> dict:
-    """What the service tells clients about a hit (no server file paths)."""
-    return {"id": hit.id, "score": round(hit.score, 6), "key": hit.key, "caption": hit.caption,
-            "url": f"/images/{hit.id}", "file": Path(hit.image_path).name if hit.image_path else None}
-
-
-def serve(index: ImageIndex, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None) -> None:
+def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None) -> None:
     """Run the service with uvicorn (blocking)."""
     import uvicorn
 

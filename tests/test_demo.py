@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from internvl_fm.demo import DEMO_MODEL, main, run_demo
+from internvl_fm.retrieval.demo import DEMO_MODEL, main, run_demo
 from internvl_fm.models.internvl import InternVLModel
 from internvl_fm.training.data import LANGUAGES, SyntheticConfig, generate_samples
 
@@ -82,3 +82,18 @@ def test_run_demo_is_reproducible_for_a_seed():
     assert [q.text for q in a.queries] == [q.text for q in b.queries]
     assert [q.hits for q in a.queries] == [q.hits for q in b.queries]
     assert a.recall == b.recall and 0.0 <= a.recall["all"]["r@5"] <= 1.0
+
+
+def test_demo_hits_come_from_a_retrieval_index_and_recall_from_its_hits(model):
+    result, images, attributes = run_demo(num_images=40, queries_per_language=6, seed=5, top_k=3,
+                                          languages=("en", "zh"))
+    assert result.index_kind == "ImageIndex, faiss Flat (exact)"
+    image_emb = model.embed_images(images)
+    for lang in ("en", "zh"):
+        queries = [q for q in result.queries if q.lang == lang]
+        exact = (model.embed_texts([q.text for q in queries]) @ image_emb.t()).topk(3, dim=1)
+        assert [q.hits for q in queries] == exact.indices.tolist()  # row id i is gallery image i
+        assert all(q.scores == pytest.approx(s, abs=1e-4) for q, s in zip(queries, exact.values.tolist()))
+        assert all(q.relevant == [attributes[i] == q.attributes for i in q.hits] for q in queries)
+        assert result.recall[lang]["r@1"] == pytest.approx(sum(q.relevant[0] for q in queries) / len(queries))
+        assert result.recall[lang]["r@1"] <= result.recall[lang]["r@5"]  # r@5 from 5 hits although 3 are shown

@@ -106,6 +106,19 @@ def test_bad_build_option_fails_in_one_line_before_any_work(tmp_path, capsys, op
     _one_line_error(err, "internvl-fm index: error:", option[0], option[1])
 
 
+@pytest.mark.parametrize("command,option", [
+    ("index build", ["--mode", "InternVL-X"]), ("index build", ["--storage-dtype", "float64"]),
+    ("index build", ["--shard-size", "0"]), ("serve", ["--max-k", "0"]), ("serve", ["--max-upload-mb", "0"])])
+def test_options_checked_by_their_dataclass_fail_in_one_line_naming_the_flag(tmp_path, capsys, command, option):
+    make_images(tmp_path / "imgs", 2)
+    argv = ([*command.split(), tmp_path / "imgs", tmp_path / "out", "--model", tmp_path / "no-model"]
+            if command == "index build" else [command, tmp_path / "no-index"])
+    code, _, err = _cli(capsys, *argv, *option)  # refused before the model (or the index) is looked for
+    assert code == 2 and not (tmp_path / "out").exists()
+    _one_line_error(err, f"internvl-fm {command.split()[0]}: error:", f"{option[0]} '{option[1]}")
+    assert "not found" not in err and "no search index" not in err
+
+
 def test_index_options_are_checked_when_made():
     for bad in ({"max_index_memory": "4 gigs"}, {"factory": "PCA64,Flat"}, {"min_recall": 2.0}):
         with pytest.raises(IndexStateError):

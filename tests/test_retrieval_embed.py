@@ -131,3 +131,35 @@ def test_bfloat16_model_and_float16_storage(tmp_path, tiny_clip_path, tiny_model
     assert b.dtype == np.float32 and a.shape == b.shape
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.98
+
+
+class _RecordingModel:
+    """The tiny model, recording the size of every batch the job hands it (and the batch_size it asks for)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+        self.image_processor = model.image_processor
+
+    def embed_images(self, images, mode="InternVL-C", batch_size=32):
+        self.calls.append(("image", len(images), batch_size))
+        return self.model.embed_images(images, mode=mode, batch_size=batch_size)
+
+    def embed_texts(self, texts, mode="InternVL-C", batch_size=64):
+        self.calls.append(("text", len(texts), batch_size))
+        return self.model.embed_texts(texts, mode=mode, batch_size=batch_size)
+
+
+def test_each_batch_goes_to_the_model_whole(tmp_path, tiny_model):  # noqa: F811
+    make_images(tmp_path / "imgs", 10)
+    (tmp_path / "imgs" / "img_005.txt").unlink()  # one image without caption
+    recording = _RecordingModel(tiny_model)
+    report = run_embedding(tmp_path / "imgs", tmp_path / "out", recording, fast_config(batch_size=4, shard_size=6))
+    # split once: batches of 4 records, each embedded in one call per tower, never re-split by the model
+    assert [(kind, n) for kind, n, _ in recording.calls] == [("image", 4), ("text", 4), ("image", 4), ("text", 3),
+                                                             ("image", 2), ("text", 2)]
+    assert all(n == batch_size for _, n, batch_size in recording.calls)
+    # shards hold whole batches: shard_size 6 -> 8 records per shard
+    store = EmbeddingStore(tmp_path / "out")
+    assert [(s.start, s.end) for s in store.shards()] == [(0, 8), (8, 10)] and report.rows_written == 10
+    texts = np.concatenate([np.load(p) for p in sorted((tmp_path / "out" / "text_emb").glob("*.npy"))])
+    assert not texts[5].any() and texts[4].any()  # the uncaptioned image has a zero caption row

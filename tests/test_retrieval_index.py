@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 from internvl_fm.retrieval import IndexStateError, build_index, choose_index, exact_search, parse_memory, recall_at_k
-from internvl_fm.retrieval.index import normalize, search_parameters
-from internvl_fm.retrieval.search import _FaissIndex
+from internvl_fm.retrieval.search import _FaissIndex, normalize, search_parameters
 from test_retrieval_common import clustered, write_vectors
 
 

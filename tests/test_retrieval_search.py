@@ -6,7 +6,7 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
-from internvl_fm.retrieval import ImageIndex, IndexNotFoundError, IndexOptions, IndexStateError
+from internvl_fm.retrieval import ImageIndex, IndexNotFoundError, IndexOptions, IndexStateError, SearchIndex
 from internvl_fm.cli import main
 from internvl_fm.retrieval.cli import index_main, search_main
 from test_retrieval_common import fast_config, make_images, tiny_model  # noqa: F401  (fixture)
@@ -64,6 +64,15 @@ def test_saved_index_remembers_model_and_recall(built, tiny_clip_path):
         ImageIndex.load(root / "imgs")
     with pytest.raises(IndexStateError, match="dimension"):
         loaded.search_embedding(np.ones(5), 1)
+
+
+def test_search_index_only_answers_queries(built):
+    root, paths, index = built
+    reader = SearchIndex.load(root / "index", model=index.model)
+    assert not any(hasattr(reader, name) for name in ("build", "add", "delete", "save"))
+    assert [h.id for h in reader.search_image(paths[3], k=3)] == [h.id for h in index.search_image(paths[3], k=3)]
+    with pytest.raises(IndexStateError, match="k 0"):
+        reader.search_embedding(reader.embed_text("stripes")[0], 0)
 
 
 def test_add_then_delete(tmp_path, tiny_clip_path, tiny_model):  # noqa: F811

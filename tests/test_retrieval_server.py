@@ -79,6 +79,29 @@ def test_bad_requests_are_refused(client):
     assert big.status_code == 413
 
 
+def test_each_request_field_is_refused_once_with_a_message_naming_it(client):
+    """The pydantic request model checks every field where the request comes in; `detail` stays one string (the
+    web page shows it)."""
+    refused = {
+        "k: must be between 1 and 20, got 21": client.get("/search", params={"text": "x", "k": 21}),
+        "k: Input should be a valid integer": client.post("/search", json={"text": "x", "k": "many"}),
+        "target: Input should be 'images' or 'captions'": client.get("/search", params={"text": "x",
+                                                                                          "target": "both"}),
+        "text longer than 1000 characters": client.post("/search", json={"text": "x" * 1001}),
+        "text: Input should be a valid string": client.post("/search", json={"text": 5}),
+        "image: must be base64 in JSON": client.post("/search", json={"image": "@@not base64@@"}),
+        "embedding must be one finite vector": client.post("/search", json={"embedding": [1e39, 0.0]}),
+        "embedding.0: Input should be a valid number": client.post("/search", json={"embedding": [[1.0]]}),
+    }
+    for message, response in refused.items():
+        assert response.status_code == 422 and isinstance(response.json()["detail"], str), response.text
+        assert response.json()["detail"].startswith(message), response.text
+    # an empty image is no image: the text is the query
+    ok = client.post("/search", json={"image": base64.b64encode(b"").decode(), "embedding": None, "text": "stripes",
+                                      "k": 2, "api_key": "unused"})
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 2
+
+
 def test_images_are_served_only_from_the_index_roots(client, built):
     root, paths, _ = built
     response = client.get("/images/3")

@@ -1,20 +1,20 @@
 """`internvl-fm demo`: text-to-image search in five languages with the bundled tiny InternVL-C, fully offline.
 
-It draws a fresh set of synthetic images (coloured shapes on varied backgrounds), embeds them with the shipped
-model (`internvl_fm/assets/demo_model`, an InternVL-C in the official checkpoint format), builds an exact inner-product
-index, runs queries in English, Chinese, Japanese, Spanish and French, prints the top hits with their scores and the
-recall@1 / recall@5 of the run (a hit is an image whose generated attributes all match the query), and writes an
-HTML gallery of the results.
+It draws a fresh set of synthetic images (coloured shapes on varied backgrounds), builds a retrieval index of them
+(`ImageIndex.build`, as `internvl-fm index build` does) with the shipped model (`internvl_fm.demo_model_path()`, an
+InternVL-C in the official checkpoint format), runs queries in English, Chinese, Japanese, Spanish and French,
+prints the top hits with their scores and the recall@1 / recall@5 of the run (a hit is an image whose generated
+attributes all match the query), and writes an HTML gallery of the results.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +22,16 @@ from typing import Any
 
 import torch
 
-DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_model"
+from internvl_fm import demo_model_path
+from internvl_fm.cli_utils import add_model_options, dtype_or_none, new_parser, resolve_device
+
+from .embed import EmbedConfig
+from .errors import IndexStateError
+from .index import ImageIndex
+
+DEMO_MODEL = demo_model_path()
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese", "ja": "Japanese", "es": "Spanish", "fr": "French"}
+RECALL_KS = (1, 5)
 
 
 @dataclass
@@ -51,67 +59,57 @@ class DemoResult:
     html_path: Path | None = None
 
 
-class _Index:
-    """Exact inner-product search: faiss IndexFlatIP when installed, torch top-k otherwise."""
-
-    def __init__(self, vectors: torch.Tensor):
-        self.vectors = vectors
-        try:
-            import faiss
-        except ImportError:
-            self.faiss_index = None
-        else:
-            self.faiss_index = faiss.IndexFlatIP(vectors.shape[1])
-            self.faiss_index.add(vectors.numpy().astype("float32"))
-
-    @property
-    def kind(self) -> str:
-        return "faiss IndexFlatIP" if self.faiss_index is not None else "torch top-k"
-
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = min(k, self.vectors.shape[0])
-        if self.faiss_index is not None:
-            scores, ids = self.faiss_index.search(queries.numpy().astype("float32"), k)
-            return torch.from_numpy(scores), torch.from_numpy(ids)
-        return (queries @ self.vectors.t()).topk(k, dim=1)
-
-
 def run_demo(model_path: str | Path = DEMO_MODEL, num_images: int = 300, queries_per_language: int = 40,
-             seed: int | None = None, top_k: int = 5, languages: tuple[str, ...] | None = None) -> tuple[
-                 DemoResult, list[Any], list[dict[str, str]]]:
+             seed: int | None = None, top_k: int = 5, languages: tuple[str, ...] | None = None,
+             dtype: str | None = None, device: str | None = None) -> tuple[DemoResult, list[Any], list[dict[str, str]]]:
     """Generate a gallery, index it with the model and run the queries; returns (result, images, attributes)."""
+    from internvl_fm.evaluation import retrieval_recall_at_k
     from internvl_fm.models.internvl import InternVLModel
     from internvl_fm.training.data import LANGUAGES, SyntheticConfig, caption, generate_samples
 
     languages = languages or LANGUAGES
     start = time.perf_counter()
     seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
-    model = InternVLModel.from_pretrained(model_path)
+    model = InternVLModel.from_pretrained(model_path, dtype=dtype, device=resolve_device(device)).eval()
     if model.tokenizer is None:
-        raise ValueError(f"{model_path} has no tokenizer files; the demo needs a model folder with a tokenizer")
+        raise IndexStateError(f"{model_path} has no tokenizer files; the demo needs a model folder with a tokenizer")
     samples = list(generate_samples(num_images, SyntheticConfig(image_size=model.image_size, seed=seed)))
     images = [s.image for s in samples]
     attributes = [s.attributes for s in samples]
-    index = _Index(model.embed_images(images))
     rng = random.Random(seed)
     queries: list[QueryResult] = []
     recall: dict[str, dict[str, float]] = {}
-    for lang in languages:
-        picks = rng.sample(range(num_images), min(queries_per_language, num_images))
-        targets = [attributes[i] for i in picks]
-        texts = [caption(a, lang, rng=rng) for a in targets]
-        scores, ids = index.search(model.embed_texts(texts), top_k)
-        lang_results = []
-        for text, target, row_scores, row_ids in zip(texts, targets, scores.tolist(), ids.tolist()):
-            relevant = [attributes[j] == target for j in row_ids]
-            lang_results.append(QueryResult(lang, text, target, row_ids, row_scores, relevant))
-        recall[lang] = {"r@1": sum(q.relevant[0] for q in lang_results) / len(lang_results),
-                        "r@5": sum(any(q.relevant[:5]) for q in lang_results) / len(lang_results)}
-        queries += lang_results
-    recall["all"] = {k: sum(recall[lang][k] for lang in languages) / len(languages) for k in ("r@1", "r@5")}
+    with tempfile.TemporaryDirectory(prefix="internvl_fm_demo_") as tmp:
+        index = _index_gallery(images, Path(tmp), model, model_path)
+        k = min(max(top_k, *RECALL_KS), num_images)
+        for lang in languages:
+            picks = rng.sample(range(num_images), min(queries_per_language, num_images))
+            targets = [attributes[i] for i in picks]
+            texts = [caption(a, lang, rng=rng) for a in targets]
+            hits = index.search_embedding(index.embed_text(texts), k)
+            relevant = [[attributes[h.id] == target for h in row] for row, target in zip(hits, targets)]
+            scores = [[h.score for h in row] for row in hits]
+            recall[lang] = retrieval_recall_at_k(torch.tensor(scores), torch.tensor(relevant), RECALL_KS)
+            queries += [QueryResult(lang, text, target, [h.id for h in row[:top_k]], row_scores[:top_k],
+                                    row_relevant[:top_k])
+                        for text, target, row, row_scores, row_relevant in zip(texts, targets, hits, scores, relevant)]
+        info = index.info["image"]
+        index_kind = f"ImageIndex, faiss {info['factory']}" + (" (exact)" if info["family"] == "flat" else "")
+    recall["all"] = {key: sum(recall[lang][key] for lang in languages) / len(languages) for key in recall[languages[0]]}
     result = DemoResult(seed=seed, num_images=num_images, recall=recall, queries=queries,
-                        seconds=time.perf_counter() - start, index_kind=index.kind)
+                        seconds=time.perf_counter() - start, index_kind=index_kind)
     return result, images, attributes
+
+
+def _index_gallery(images: list[Any], folder: Path, model: Any, model_path: str | Path) -> ImageIndex:
+    """The gallery as PNG files (image i has row id i) indexed by `ImageIndex.build`, decoded in this process."""
+    gallery = folder / "images"
+    gallery.mkdir()
+    width = max(5, len(str(len(images))))
+    for i, image in enumerate(images):
+        image.save(gallery / f"{i:0{width}d}.png")
+    return ImageIndex.build(gallery, folder / "index", model, model_path=str(model_path),
+                            embed=EmbedConfig(num_workers=0, captions=False, progress=False))
 
 
 def _describe(attrs: dict[str, str]) -> str:
@@ -197,22 +195,24 @@ img {{ width: 112px; height: 112px; image-rendering: pixelated; display: block; 
 
 def main(argv: list[str] | None = None) -> int:
     """Offline demo: build an image index with the bundled tiny InternVL-C and query it in five languages."""
-    parser = argparse.ArgumentParser(prog="internvl-fm demo", description=__doc__.split("\n\n")[0])
+    from .cli import _number
+
+    parser = new_parser("internvl-fm demo", __doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="InternVL-C checkpoint folder (default: bundled)")
-    parser.add_argument("--num-images", type=int, default=300, help="gallery size")
-    parser.add_argument("--queries", type=int, default=40, help="queries per language")
+    add_model_options(parser)
+    parser.add_argument("--num-images", type=_number("--num-images", low=1), default=300, help="gallery size")
+    parser.add_argument("--queries", type=_number("--queries", low=1), default=40, help="queries per language")
     parser.add_argument("--seed", type=int, default=None, help="gallery seed (default: a fresh random one)")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=_number("--top-k", low=1), default=5, help="hits shown per query")
     parser.add_argument("--examples", type=int, default=2, help="queries per language printed with their hits")
     parser.add_argument("--output", default="internvl_fm_demo", help="folder for index.html")
     parser.add_argument("--no-html", action="store_true", help="do not write the HTML gallery")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.num_images < 1 or args.queries < 1 or args.top_k < 1:
-        parser.error("--num-images, --queries and --top-k must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result, images, attributes = run_demo(args.model, args.num_images, args.queries, args.seed, args.top_k)
+    result, images, attributes = run_demo(args.model, args.num_images, args.queries, args.seed, args.top_k,
+                                          dtype=dtype_or_none(args.dtype), device=args.device)
     if not args.no_html:
         result.html_path = write_html(result, images, attributes, Path(args.output) / "index.html")
     print(format_report(result, attributes, args.examples))
