@@ -81,7 +81,9 @@ def main() -> None:
 
     from internvl_fm.retrieval import EmbedConfig, EmbeddingStore, run_embedding
 
-    from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+    from internvl_fm.models.configuration_intern_vit import InternVisionConfig
+
+    from internvl_fm.models.modeling_intern_vit import InternVisionModel
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,7 +21,8 @@ import time
 import torch
 
 from common import best_time
-from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+from internvl_fm.models.configuration_intern_vit import InternVisionConfig
+from internvl_fm.models.modeling_intern_vit import InternVisionModel
 from internvl_fm.segmentation import SegmentationConfig, SegmentationModel, UperNetHead, convert_hf_upernet_state_dict
 
 NUM_CLASSES = 150

@@ -18,7 +18,8 @@ from torch import nn
 
 from internvl_fm.classification import imagenet_classnames, zeroshot_templates
 from internvl_fm.classification.zeroshot import build_zeroshot_weights
-from internvl_fm.models.internvl import InternVLConfig, InternVLTextModel
+from internvl_fm.models.configuration_internvl import InternVLConfig
+from internvl_fm.models.modeling_internvl import InternVLTextModel
 from internvl_fm.tokenization import InternVLTokenizer
 
 GOLDEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "golden" / "internvl_c_g" / "checkpoint"

@@ -61,7 +61,7 @@ def load_internvl_fm(model_name: str = "InternVL-C", pretrained: str | os.PathLi
     `cache_dir` is accepted for signature compatibility (hub downloads use the Hugging Face cache). The image
     transform is the classification one (resize short side + center crop), as in the paper's evaluation.
     """
-    from internvl_fm.models.internvl import InternVLModel
+    from internvl_fm.models.modeling_internvl import InternVLModel
     from internvl_fm.processing import build_transform
 
     mode = resolve_mode(model_name)

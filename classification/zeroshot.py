@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from internvl_fm.evaluation import Padding, zeroshot_classifier_weights as build_zeroshot_weights  # public name here
-from internvl_fm.models.internvl import MODES
+from internvl_fm.models.configuration_internvl import MODES
 
 from ._utils import hash_json, load_tensors, module_fingerprint, save_tensors
 from .errors import ClassificationError, FeatureDimError

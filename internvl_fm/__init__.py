@@ -20,12 +20,12 @@ _EXPORTS = {
     "ConfigError": "internvl_fm.errors",
     "TokenizerContractError": "internvl_fm.errors",
     "load": "internvl_fm.loading",
-    "InternVisionConfig": "internvl_fm.models.intern_vit",
-    "InternVisionModel": "internvl_fm.models.intern_vit",
-    "InternVLConfig": "internvl_fm.models.internvl",
-    "InternVLModel": "internvl_fm.models.internvl",
-    "InternVLTextModel": "internvl_fm.models.internvl",
-    "TextEncoderOutput": "internvl_fm.models.internvl",
+    "InternVisionConfig": "internvl_fm.models.configuration_intern_vit",
+    "InternVisionModel": "internvl_fm.models.modeling_intern_vit",
+    "InternVLConfig": "internvl_fm.models.configuration_internvl",
+    "InternVLModel": "internvl_fm.models.modeling_internvl",
+    "InternVLTextModel": "internvl_fm.models.modeling_internvl",
+    "TextEncoderOutput": "internvl_fm.models.modeling_internvl",
     "InternVLChatConfig": "internvl_fm.models.configuration_internvl_chat",
     "InternVLChatModel": "internvl_fm.models.modeling_internvl_chat",
     "InternVLImageProcessor": "internvl_fm.processing",
@@ -62,9 +62,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
                                     InternVLError, ModelKindError, TokenizerContractError, WeightLoadingError)
     from internvl_fm.loading import load
     from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
-    from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+    from internvl_fm.models.configuration_intern_vit import InternVisionConfig
+    from internvl_fm.models.modeling_intern_vit import InternVisionModel
     from internvl_fm.models.modeling_internvl_chat import InternVLChatModel
-    from internvl_fm.models.internvl import InternVLConfig, InternVLModel, InternVLTextModel, TextEncoderOutput
+    from internvl_fm.models.configuration_internvl import InternVLConfig
+    from internvl_fm.models.modeling_internvl import InternVLModel, InternVLTextModel, TextEncoderOutput
     from internvl_fm.processing import InternVLImageProcessor, InternVLProcessor, build_transform, load_image
     from internvl_fm.processing_internvl_chat import InternVLChatProcessor
     from internvl_fm.tokenization import InternVLTokenizer, validate_tokenizer

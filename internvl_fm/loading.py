@@ -31,8 +31,8 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 # architectures[0] in config.json -> "module:Class" (resolved lazily: `internvl-fm info` imports no model code).
 ARCHITECTURES: dict[str, str] = {
-    "InternVisionModel": "internvl_fm.models.intern_vit:InternVisionModel",
-    "InternVLModel": "internvl_fm.models.internvl:InternVLModel",
+    "InternVisionModel": "internvl_fm.models.modeling_intern_vit:InternVisionModel",
+    "InternVLModel": "internvl_fm.models.modeling_internvl:InternVLModel",
     "InternVLChatModel": "internvl_fm.models.modeling_internvl_chat:InternVLChatModel",
 }
 

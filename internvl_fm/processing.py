@@ -142,7 +142,7 @@ class InternVLProcessor:
         tokenizer when the folder has one. Another kind of checkpoint raises ``ModelKindError``."""
         from internvl_fm.configuration_utils import check_config_dict
         from internvl_fm.loading import check_model_kind, read_config, resolve_checkpoint
-        from internvl_fm.models.internvl import InternVLConfig
+        from internvl_fm.models.configuration_internvl import InternVLConfig
         from internvl_fm.tokenization import InternVLTokenizer, has_tokenizer_files
 
         folder = resolve_checkpoint(path)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from internvl_fm.cli_utils import CLIError, HelpFormatter, add_model_options, dtype_or_none, new_parser, resolve_device
-from internvl_fm.models.internvl import MODES
+from internvl_fm.models.configuration_internvl import MODES
 
 from .embed import STORAGE_DTYPES, EmbedConfig, EmbedReport
 from .errors import OptionError

@@ -64,7 +64,7 @@ def run_demo(model_path: str | Path = DEMO_MODEL, num_images: int = 300, queries
              dtype: str | None = None, device: str | None = None) -> tuple[DemoResult, list[Any], list[dict[str, str]]]:
     """Generate a gallery, index it with the model and run the queries; returns (result, images, attributes)."""
     from internvl_fm.evaluation import retrieval_recall_at_k
-    from internvl_fm.models.internvl import InternVLModel
+    from internvl_fm.models.modeling_internvl import InternVLModel
     from internvl_fm.training.data import LANGUAGES, SyntheticConfig, caption, generate_samples
 
     languages = languages or LANGUAGES

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from internvl_fm.errors import ImageLoadError
 from internvl_fm.loading import atomic_write
-from internvl_fm.models.internvl import MODES
+from internvl_fm.models.configuration_internvl import MODES
 
 from .errors import OptionError, StoreError, check_int
 from .sources import Record, Source, open_source
@@ -93,7 +93,7 @@ class ModelSpec:
         """Load the InternVL-C/G model (`InternVLModel.from_pretrained`) in eval mode; `dtype` overrides the
         spec's, `device` defaults to cuda when available, else cpu."""
         from internvl_fm.cli_utils import resolve_device
-        from internvl_fm.models.internvl import InternVLModel
+        from internvl_fm.models.modeling_internvl import InternVLModel
 
         model = InternVLModel.from_pretrained(self.path, dtype=dtype or self.dtype, device=resolve_device(device))
         if self.image_size is None:

@@ -513,7 +513,7 @@ def _resolve_model(model: Any, mode: str, model_path: str | None, dtype: str | N
     if isinstance(model, (str, os.PathLike)):
         spec = ModelSpec(model_reference(model), mode, dtype=dtype)
         if not load:
-            from internvl_fm.models.internvl import InternVLConfig
+            from internvl_fm.models.configuration_internvl import InternVLConfig
 
             spec.image_size = int(InternVLConfig.from_pretrained(spec.path).image_size)
             return spec, None

@@ -139,7 +139,8 @@ class InternViTBackbone(nn.Module):
 def load_vit(path: str | os.PathLike, drop_path_rate: float | None = None) -> nn.Module:
     """`InternVisionModel` from a standalone InternViT folder or the vision tower of a full InternVL checkpoint
     (hub ids allowed), optionally with a new stochastic-depth rate for fine-tuning."""
-    from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+    from internvl_fm.models.configuration_intern_vit import InternVisionConfig
+    from internvl_fm.models.modeling_intern_vit import InternVisionModel
 
     config = InternVisionConfig.from_pretrained(path)
     if drop_path_rate is not None:

@@ -43,7 +43,8 @@ def register() -> dict[str, type]:
                      out_indices: Sequence[int] = (-1,), with_pyramid: bool = False, frozen: bool = True,
                      bf16: bool = False, img_size: int | None = None, drop_path_rate: float = 0.0,
                      init_cfg: Any = None):
-            from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+            from internvl_fm.models.configuration_intern_vit import InternVisionConfig
+            from internvl_fm.models.modeling_intern_vit import InternVisionModel
 
             if pretrained is not None:
                 vit = load_vit(pretrained, drop_path_rate)

@@ -11,7 +11,8 @@ from transformers.utils import ModelOutput
 
 from internvl_fm.configuration_utils import ConfigBase
 from internvl_fm.loading import PretrainedMixin
-from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+from internvl_fm.models.configuration_intern_vit import InternVisionConfig
+from internvl_fm.models.modeling_intern_vit import InternVisionModel
 
 from .backbone import InternViTBackbone, load_vit
 from .errors import SegmentationConfigError

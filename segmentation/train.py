@@ -200,7 +200,7 @@ def build_model(config: TrainConfig) -> SegmentationModel:
             raise CheckpointNotFoundError(f"model.pretrained: {err}") from None
     else:
         vision = dataclasses.replace(config.model.vision_config, drop_path_rate=config.train.drop_path_rate)
-        from internvl_fm.models.intern_vit import InternVisionModel
+        from internvl_fm.models.modeling_intern_vit import InternVisionModel
 
         model = SegmentationModel(config.model, vit=InternVisionModel(vision).init_weights())
     if config.train.gradient_checkpointing and not config.model.freeze_backbone:

@@ -11,7 +11,8 @@ from internvl_fm.classification import (FeatureSet, LinearProbeConfig, LinearPro
 from internvl_fm.classification.errors import ClassificationError, FeatureDimError
 from internvl_fm.classification.probe import cls_patch_concat, split_holdout
 from internvl_fm.errors import WeightLoadingError
-from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+from internvl_fm.models.configuration_intern_vit import InternVisionConfig
+from internvl_fm.models.modeling_intern_vit import InternVisionModel
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -169,7 +170,7 @@ def test_holdout_split_is_stratified_and_disjoint():
 
 
 def test_clip_embedding_features(tiny_clip_path):
-    from internvl_fm.models.internvl import InternVLModel
+    from internvl_fm.models.modeling_internvl import InternVLModel
 
     model = InternVLModel.from_pretrained(tiny_clip_path)
     torch.manual_seed(0)

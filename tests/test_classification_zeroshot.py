@@ -19,7 +19,7 @@ TWO_TEMPLATES = ["a photo of a {c}.", "a blurry drawing of the {c} in the dark."
 
 @pytest.fixture(scope="module")
 def model(tiny_clip_path):
-    from internvl_fm.models.internvl import InternVLModel
+    from internvl_fm.models.modeling_internvl import InternVLModel
 
     return InternVLModel.from_pretrained(tiny_clip_path).eval()
 

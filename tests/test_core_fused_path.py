@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from internvl_fm import InternVisionModel
-from internvl_fm.models import intern_vit
+from internvl_fm.models import modeling_intern_vit as intern_vit
 
 
 pytestmark = pytest.mark.usefixtures("no_grad")

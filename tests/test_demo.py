@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from internvl_fm.retrieval.demo import DEMO_MODEL, main, run_demo
-from internvl_fm.models.internvl import InternVLModel
+from internvl_fm.models.modeling_internvl import InternVLModel
 from internvl_fm.training.data import LANGUAGES, SyntheticConfig, generate_samples
 
 HELD_OUT_SEED = 20261122  # never used for training (train seed 0, validation seed 1)

@@ -196,7 +196,7 @@ def test_build_refuses_empty_source_and_swapped_folders(tmp_path, tiny_clip_path
 _SLOW_CLI = textwrap.dedent("""
     import sys, time
     from internvl_fm.cli import main
-    from internvl_fm.models.internvl import InternVLModel
+    from internvl_fm.models.modeling_internvl import InternVLModel
 
     embed_images = InternVLModel.embed_images
 

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from internvl_fm.cli import main
-from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+from internvl_fm.models.configuration_intern_vit import InternVisionConfig
+from internvl_fm.models.modeling_intern_vit import InternVisionModel
 from internvl_fm.segmentation import (CropSizeError, SegmentationConfig, SegmentationModel, default_stride,
                                       segment_image, slide_inference, whole_inference)
 from internvl_fm.segmentation.cli import segment_main

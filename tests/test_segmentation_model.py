@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from internvl_fm.errors import WeightLoadingError
-from internvl_fm.models.intern_vit import InternVisionConfig, InternVisionModel
+from internvl_fm.models.configuration_intern_vit import InternVisionConfig
+from internvl_fm.models.modeling_intern_vit import InternVisionModel
 from internvl_fm.segmentation import (CropSizeError, FCNHead, InternViTBackbone, LinearHead, SegmentationConfig,
                                       SegmentationConfigError, SegmentationModel, UperNetHead,
                                       convert_hf_upernet_state_dict, convert_official_state_dict,

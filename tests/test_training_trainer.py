@@ -7,8 +7,10 @@ import shutil
 import pytest
 import torch
 
-from internvl_fm.models.internvl import InternVLConfig, InternVLModel
-from internvl_fm.models.intern_vit import InternVisionConfig
+from internvl_fm.models.configuration_internvl import InternVLConfig
+
+from internvl_fm.models.modeling_internvl import InternVLModel
+from internvl_fm.models.configuration_intern_vit import InternVisionConfig
 from internvl_fm.training import data as D
 from internvl_fm.training.tokenizer import train_tokenizer
 from internvl_fm.training.trainer import (ContrastiveTrainer, StepBatchSampler, TrainingArguments, TrainingError,

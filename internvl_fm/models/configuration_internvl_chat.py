@@ -6,7 +6,7 @@ from typing import Any
 
 from internvl_fm.configuration_utils import ConfigBase, check_config_dict
 from internvl_fm.errors import ConfigError
-from internvl_fm.models.intern_vit import InternVisionConfig
+from internvl_fm.models.configuration_intern_vit import InternVisionConfig
 
 from internvl_fm.models.chat_llm import build_llm_config, export_llm_config
 from internvl_fm.chat_templates import get_template
@@ -20,7 +20,7 @@ PS_VERSIONS = ("v1", "v2")
 class InternVLChatConfig(ConfigBase):
     """Configuration of InternVL-Chat (field names and defaults of the official ``InternVLChatConfig``).
 
-    ``vision_config`` is the core :class:`~internvl_fm.models.intern_vit.InternVisionConfig`; ``llm_config`` is a
+    ``vision_config`` is the core :class:`~internvl_fm.models.configuration_intern_vit.InternVisionConfig`; ``llm_config`` is a
     transformers config (``LlamaConfig`` for InternLM2 checkpoints, whose ``architectures`` keeps the official name).
     ``system_message=None`` means the template's default system message (configs that carry ``null`` included).
     ``img_context_token_id`` is the id of ``<IMG_CONTEXT>`` for checkpoints that name it (official configs do not:

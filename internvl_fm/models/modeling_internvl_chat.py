@@ -20,7 +20,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from internvl_fm.loading import PretrainedMixin, atomic_write
-from internvl_fm.models.intern_vit import InternVisionModel
+from internvl_fm.models.modeling_intern_vit import InternVisionModel
 
 from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
 from internvl_fm.models.chat_llm import build_language_model, convert_llm_state_dict, export_llm_state_dict

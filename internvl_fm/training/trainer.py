@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from internvl_fm.loading import atomic_directory, atomic_write, save_state_dict
-from internvl_fm.models.internvl import InternVLConfig, InternVLModel
+from internvl_fm.models.configuration_internvl import InternVLConfig
+from internvl_fm.models.modeling_internvl import InternVLModel
 
 from .data import DatasetFormatError, read_metadata
 from .evaluate import evaluate_retrieval, match_key

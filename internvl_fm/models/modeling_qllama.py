@@ -8,7 +8,6 @@ sampling and beam search, all generation kwargs).
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,18 +18,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 ROPE_BASE = 10000.0  # the reference QLLaMA rotary embedding ignores rope_theta
-
-
-def build_qllama_config(qllama_config: dict[str, Any], vision_hidden_size: int, num_query_token: int,
-                        cross_attention_frequency: int) -> LlamaConfig:
-    """A transformers LlamaConfig carrying the QLLaMA extras (query tokens, cross-attention width/frequency)."""
-    data = {k: v for k, v in qllama_config.items() if k not in ("architectures", "model_type", "transformers_version")}
-    config = LlamaConfig(**data)
-    config.num_query_token = num_query_token
-    config.cross_attention_frequency = cross_attention_frequency
-    config.vision_hidden_size = vision_hidden_size
-    config.tie_word_embeddings = False  # tying is decided by the top-level InternVL config
-    return config
 
 
 class QLlamaRMSNorm(nn.Module):
