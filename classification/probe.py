@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from internvl_fm.errors import CheckpointNotFoundError, WeightLoadingError
-from internvl_fm.loading import atomic_write
+from internvl_fm.loading import atomic_write, torch_load_state_dict
+from internvl_fm.training.runtime import build_lr_scheduler
 
 from ._utils import load_tensors, module_device_dtype, module_fingerprint, save_tensors
 from .errors import ClassificationError, FeatureDimError
@@ -245,7 +246,8 @@ class LinearProbeHead(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, feature_type: str | None = None) -> LinearProbeHead:
         """Load a head saved by `save_pretrained`, a bare `.safetensors`, or an official `.pth` checkpoint
-        (`{'model': ...}` / `{'module': ...}` / flat; read with `torch.load(weights_only=True)`)."""
+        (`{'model': ...}` / `{'module': ...}` / flat; read by `internvl_fm.loading.torch_load_state_dict`, which
+        uses `torch.load(weights_only=True)`)."""
         path = Path(path)
         if path.is_dir():
             cfg_file, weights = path / HEAD_CONFIG_NAME, path / HEAD_WEIGHTS_NAME
@@ -263,7 +265,7 @@ class LinearProbeHead(nn.Module):
         if path.suffix == ".safetensors":
             state, _ = load_tensors(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch_load_state_dict(path)
         return cls.from_state_dict(state, feature_type=feature_type)
 
 
@@ -341,13 +343,6 @@ def split_holdout(labels: torch.Tensor, val_fraction: float, seed: int = 0) -> t
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
-def _lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
-
-
 def _fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
               config: ProbeTrainingConfig, feature_type: str, progress: bool) -> LinearProbeHead:
     torch.manual_seed(config.seed)
@@ -359,22 +354,19 @@ def _fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, we
     steps_per_epoch = max(1, n // batch)  # drop_last keeps BatchNorm batches full
     epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
     total = epochs * steps_per_epoch
-    warmup = config.warmup_epochs * steps_per_epoch
+    scheduler = build_lr_scheduler(optimizer, "cosine", config.warmup_epochs * steps_per_epoch, total)
     gen = torch.Generator().manual_seed(config.seed)
     head.train()
-    step = 0
     bar = tqdm(total=total, desc=f"probe wd={weight_decay:g}", disable=not progress, leave=False)
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total, warmup, config.lr)
             loss = F.cross_entropy(head(features[idx]), labels[idx], label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
+            scheduler.step()
             bar.update(1)
     bar.close()
     head.eval()

@@ -6,28 +6,30 @@ random crop with `cat_max_ratio` -> horizontal flip -> photometric distortion ->
 multiple of the patch size; masks stay at their original size.
 
 All randomness comes from a `torch.Generator` seeded by (dataset seed, position of the sample in the training
-stream), so a resumed run sees exactly the same augmented batches as an uninterrupted one.
+stream, given by the core `ResumableSampler`), so a resumed run sees exactly the same augmented batches as an
+uninterrupted one.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
+
+from internvl_fm.processing import IMAGENET_MEAN, IMAGENET_STD
+from internvl_fm.training.runtime import ResumableSampler  # noqa: F401  (the sampler of seg-train)
 
 from .errors import LabelOutOfRangeError, MaskSizeMismatchError, SegmentationDataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ADE20K_CLASSES = tuple(n.replace("_", " ") for n in """
 wall building sky floor tree ceiling road bed windowpane grass cabinet sidewalk person earth door table mountain plant
@@ -287,36 +289,3 @@ class SegmentationDataset(Dataset):
         else:
             image = normalize(image)
         return {"pixel_values": image, "labels": mask, "index": index}
-
-
-class ResumableSampler(Sampler):
-    """Endless, deterministic stream of `(index, position)` keys for iteration-based training.
-
-    Epoch `e` is a permutation seeded by `seed + e`; step `s` of rank `r` reads stream positions
-    `s * B * world + r * B ... + B - 1`. Starting at `start_step` replays nothing and skips nothing, so a resumed
-    run sees the batches an uninterrupted run would have seen.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_step: int = 0, shuffle: bool = True):
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.start_step, self.shuffle = start_step, shuffle
-
-    def _order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.num_samples))
-        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        step = self.start_step
-        cache: dict[int, list[int]] = {}
-        while True:
-            first = (step * self.world_size + self.rank) * self.batch_size
-            for position in range(first, first + self.batch_size):
-                epoch, offset = divmod(position, self.num_samples)
-                if epoch not in cache:
-                    cache.clear()
-                    cache[epoch] = self._order(epoch)
-                yield cache[epoch][offset], position
-            step += 1

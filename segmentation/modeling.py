@@ -10,9 +10,10 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from internvl_fm.configuration_utils import ConfigBase
-from internvl_fm.loading import PretrainedMixin
+from internvl_fm.loading import PretrainedMixin, torch_load_state_dict
 from internvl_fm.models.configuration_intern_vit import InternVisionConfig
 from internvl_fm.models.modeling_intern_vit import InternVisionModel
+from internvl_fm.processing import IMAGENET_MEAN, IMAGENET_STD
 
 from .backbone import InternViTBackbone, load_vit
 from .errors import SegmentationConfigError
@@ -53,8 +54,8 @@ class SegmentationConfig(ConfigBase):
     reduce_zero_label: bool = True
     class_names: list[str] | None = None
     palette: list[list[int]] | None = None
-    mean: list[float] = dataclasses.field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = dataclasses.field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_STD))
 
     def __post_init__(self) -> None:
         if isinstance(self.vision_config, dict):
@@ -152,12 +153,13 @@ class SegmentationModel(PretrainedMixin, nn.Module):
 
     @classmethod
     def from_official_checkpoint(cls, config: SegmentationConfig, path: str | os.PathLike) -> SegmentationModel:
-        """Load a released InternVL mmseg checkpoint (`.pth`, read with `weights_only=True`) into a model built
-        from `config` (which must describe the same ViT, head and crop). Keys are renamed by
-        `convert_official_state_dict`; missing / unexpected / mis-shaped keys raise `WeightLoadingError`."""
+        """Load a released InternVL mmseg checkpoint (`.pth`, read by `internvl_fm.loading.torch_load_state_dict`:
+        `weights_only=True`, the `state_dict` wrapper removed) into a model built from `config` (which must describe
+        the same ViT, head and crop). Keys are renamed by `convert_official_state_dict`; missing / unexpected /
+        mis-shaped keys raise `WeightLoadingError`."""
         from internvl_fm.loading import check_state_dict
 
-        state = convert_official_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = convert_official_state_dict(torch_load_state_dict(path))
         model = cls(config)
         expected = model.state_dict()
         state = {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}

@@ -4,16 +4,16 @@ Recipes (segmentation/configs/): linear probing on a frozen backbone, UperNet he
 full tuning. AdamW with layer-wise lr decay, poly schedule with linear warm-up, bf16, gradient checkpointing, DDP
 (`torchrun --nproc_per_node N -m internvl_fm.cli seg-train CONFIG`), atomic checkpoints and exact resume.
 
-Work dir layout: `checkpoints/step_XXXXXXXX/` (config.json + model.safetensors + training_state.pt),
-`checkpoints/latest` (name of the newest complete checkpoint), `final/` (the trained model), `log.jsonl`.
+Work dir layout: `checkpoints/step_XXXXXXXX/` (config.json + model.safetensors + training_state.pt), `final/`
+(the trained model), `log.jsonl`. Distributed set-up, sampler, checkpoints and log come from the core training
+runtime (`internvl_fm.training.runtime`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,16 +22,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from internvl_fm.cli_utils import resolve_device
 from internvl_fm.errors import CheckpointNotFoundError
-from internvl_fm.loading import atomic_directory, atomic_write
+from internvl_fm.loading import atomic_directory
+from internvl_fm.training.runtime import (Checkpoints, DistributedState, JsonlLog, ResumableSampler, distributed,
+                                          load_training_state, save_training_state)
 
-from .data import ADE20K_CLASSES, EvalTransform, ResumableSampler, SegmentationDataset, TrainTransform
+from .data import ADE20K_CLASSES, EvalTransform, SegmentationDataset, TrainTransform
 from .errors import CropSizeError, SegmentationConfigError
 from .infer import INFERENCE_MODES, check_crop, default_stride, evaluate
 from .modeling import SegmentationConfig, SegmentationModel
 
-TRAINING_STATE = "training_state.pt"
+CHECKPOINT_PREFIX = "step_"
 
 
 @dataclasses.dataclass
@@ -240,7 +241,12 @@ def param_groups(model: SegmentationModel, optim: OptimConfig) -> list[dict[str,
 
 
 def poly_warmup_factor(step: int, optim: OptimConfig, max_iters: int) -> float:
-    """lr multiplier at `step`: mmcv poly decay (power, min_lr) with linear warm-up from `warmup_ratio`."""
+    """lr multiplier at `step`: mmcv poly decay (power, min_lr) with linear warm-up from `warmup_ratio`.
+
+    This is the official recipe's `PolyLrUpdaterHook(warmup="linear")`: the decay runs over all `max_iters` and the
+    warm-up scales the decayed lr. transformers' polynomial schedule warms up from 0 and starts the decay after
+    the warm-up, which gives another curve, so this one schedule is not taken from transformers.
+    """
     progress = min(step, max_iters) / max(max_iters, 1)
     ratio = optim.min_lr / optim.lr if optim.lr else 0.0
     factor = (1 - ratio) * (1 - progress) ** optim.power + ratio
@@ -281,35 +287,25 @@ def build_datasets(config: TrainConfig, patch_size: int) -> tuple[SegmentationDa
 # ------------------------------------------------------------------------------------------- checkpointing
 
 
+def _checkpoints(work_dir: str | os.PathLike, keep: int | None = None) -> Checkpoints:
+    return Checkpoints(Path(work_dir) / "checkpoints", CHECKPOINT_PREFIX, width=8, keep=keep)
+
+
 def latest_checkpoint(work_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint folder of a work dir (None when there is none)."""
-    pointer = Path(work_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    return folder if (folder / TRAINING_STATE).is_file() else None
+    return _checkpoints(work_dir).latest()
 
 
 def save_checkpoint(work_dir: Path, model: SegmentationModel, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, config: TrainConfig,
                     max_keep: int) -> Path:
-    """Write `checkpoints/step_XXXXXXXX` atomically (built in a temp folder, then renamed) and update `latest`."""
-    root = work_dir / "checkpoints"
-    name = f"step_{step:08d}"
-    target = root / name
-    with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "config": json.dumps(config.to_dict())}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        torch.save(state, tmp / TRAINING_STATE)
-    with atomic_write(root / "latest") as pointer:
-        Path(pointer).write_text(name + "\n")
-    kept = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in kept[:-max_keep] if max_keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    """Write `checkpoints/step_XXXXXXXX` atomically (built in a temp folder, then renamed); keep the newest
+    `max_keep` (0: all)."""
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        save_training_state(folder, step, optimizer, scheduler, config=json.dumps(config.to_dict()))
+
+    return _checkpoints(work_dir, max_keep).save(step, write)
 
 
 def _load_checkpoint(folder: Path, model: SegmentationModel, optimizer: torch.optim.Optimizer,
@@ -319,32 +315,7 @@ def _load_checkpoint(folder: Path, model: SegmentationModel, optimizer: torch.op
     state_dict = load_state_dict(folder)  # single or sharded safetensors
     check_state_dict(model, state_dict)
     model.load_state_dict(state_dict)
-    state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng"])
-    return int(state["step"])
-
-
-# --------------------------------------------------------------------------------------------- distributed
-
-
-def _init_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); initialises torch.distributed when launched by torchrun."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(resolve_device(device))
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world, dev
+    return int(load_training_state(folder, optimizer, scheduler)["step"])
 
 
 # -------------------------------------------------------------------------------------------------- train
@@ -356,10 +327,16 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
 
     `on_step(step, logs)` is called after every optimisation step (step counts from 1).
     """
+    with distributed(config.train.device) as dist:
+        return _train(config, dist, on_step, resume, progress)
+
+
+def _train(config: TrainConfig, dist: DistributedState, on_step: Callable[[int, dict[str, float]], None] | None,
+           resume: bool, progress: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
     run = config.train
-    rank, world, device = _init_distributed(run.device)
+    rank, world, device = dist.rank, dist.world_size, dist.device
     work_dir = Path(run.work_dir)
     torch.manual_seed(run.seed)
     model = build_model(config)
@@ -370,7 +347,7 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     optimizer = torch.optim.AdamW(param_groups(model, config.optim), lr=config.optim.lr,
                                   betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: poly_warmup_factor(it, config.optim, run.max_iters))
+        optimizer, functools.partial(poly_warmup_factor, optim=config.optim, max_iters=run.max_iters))
     start = 0
     checkpoint = latest_checkpoint(work_dir) if resume else None
     if checkpoint is not None:
@@ -381,14 +358,9 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     loader = DataLoader(train_set, batch_size=run.batch_size, sampler=sampler, num_workers=config.data.num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator(),
                         persistent_workers=config.data.num_workers > 0)
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if rank == 0:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_log(work_dir / "log.jsonl", start)
+    net = dist.wrap(model)
+    log = JsonlLog(work_dir / "log.jsonl", enabled=dist.is_main)
+    log.resume_at(start)
     history: list[dict[str, float]] = []
     metrics = None
     model.train()
@@ -412,65 +384,34 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
             logs["aux_loss"] = float(out.aux_loss.detach())
         history.append(logs)
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        if rank == 0 and (done % run.log_interval == 0 or done == run.max_iters):
-            _append_log(work_dir / "log.jsonl", logs)
+        if done % run.log_interval == 0 or done == run.max_iters:
+            log.append(logs)
         if run.checkpoint_interval and done % run.checkpoint_interval == 0 and done < run.max_iters and rank == 0:
             save_checkpoint(work_dir, model, optimizer, scheduler, done, config, run.max_keep_checkpoints)
         if val_set is not None and run.eval_interval and done % run.eval_interval == 0 and done < run.max_iters:
-            metrics = _evaluate(model, val_set, config, rank, world, work_dir, done, progress)
+            metrics = _evaluate(model, val_set, config, dist, log, done, progress)
         if on_step is not None:
             on_step(done, logs)
     final_dir = work_dir / "final" if (work_dir / "final").is_dir() else None
     if start < run.max_iters:
         if val_set is not None:
-            metrics = _evaluate(model, val_set, config, rank, world, work_dir, run.max_iters, progress)
+            metrics = _evaluate(model, val_set, config, dist, log, run.max_iters, progress)
         if rank == 0:
             save_checkpoint(work_dir, model, optimizer, scheduler, run.max_iters, config, run.max_keep_checkpoints)
-            final_dir = _save_final(model, work_dir / "final")
-    _barrier()
+            with atomic_directory(work_dir / "final") as tmp:
+                model.save_pretrained(tmp)
+            final_dir = work_dir / "final"
+    dist.barrier()
     return TrainResult(history=history, step=max(start, run.max_iters), metrics=metrics, final_dir=final_dir)
 
 
-def _evaluate(model: SegmentationModel, val_set: SegmentationDataset, config: TrainConfig, rank: int, world: int,
-              work_dir: Path, step: int, progress: bool) -> dict[str, Any]:
+def _evaluate(model: SegmentationModel, val_set: SegmentationDataset, config: TrainConfig, dist: DistributedState,
+              log: JsonlLog, step: int, progress: bool) -> dict[str, Any]:
     run = config.train
-    result = evaluate(model, val_set, run.eval_mode, config.model.crop_size, run.eval_stride, rank, world,
-                      progress=progress)
-    metrics = result.to_dict(config.model.class_names)
-    if rank == 0:
-        _append_log(work_dir / "log.jsonl", {"step": step, "mIoU": result.miou, "mAcc": result.macc,
-                                              "aAcc": result.aacc})
-    return metrics
-
-
-def _save_final(model: SegmentationModel, folder: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=folder.parent))
-    model.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
-
-
-def _append_log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after `step` (written by an interrupted run that is now resumed)."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text("".join(ln + "\n" for ln in lines))
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    result = evaluate(model, val_set, run.eval_mode, config.model.crop_size, run.eval_stride, dist.rank,
+                      dist.world_size, progress=progress)
+    log.append({"step": step, "mIoU": result.miou, "mAcc": result.macc, "aAcc": result.aacc})
+    return result.to_dict(config.model.class_names)
 
 
 def check_config(config: TrainConfig, patch_size: int) -> None:

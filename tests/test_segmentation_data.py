@@ -115,3 +115,14 @@ def test_sampler_resumes_mid_stream_and_splits_ranks():
     r1 = list(itertools.islice(iter(ResumableSampler(10, 2, seed=5, rank=1, world_size=2)), 6))
     single = list(itertools.islice(iter(ResumableSampler(10, 4, seed=5)), 12))
     assert r0[:2] + r1[:2] == single[:4] and {p for _, p in r0}.isdisjoint({p for _, p in r1})
+
+
+def test_normalisation_uses_the_core_imagenet_statistics():
+    from internvl_fm.processing import IMAGENET_MEAN, IMAGENET_STD
+    from internvl_fm.segmentation.data import normalize
+
+    mean_image = torch.tensor(IMAGENET_MEAN).view(3, 1, 1).expand(3, 4, 4) * 255.0
+    torch.testing.assert_close(normalize(mean_image), torch.zeros(3, 4, 4), atol=1e-5, rtol=0)
+    one_std = mean_image + torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
+    torch.testing.assert_close(normalize(one_std), torch.ones(3, 4, 4))
+    assert TrainTransform().mean == IMAGENET_MEAN and EvalTransform().std == IMAGENET_STD

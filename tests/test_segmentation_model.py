@@ -231,3 +231,13 @@ def test_gradient_checkpointing_gives_the_same_gradients_under_bf16_autocast():
     assert grad_a is not None and grad_a.dtype == torch.float32  # fp32 master weights, bf16 compute
     torch.testing.assert_close(loss_a, loss_b)
     torch.testing.assert_close(grad_a, grad_b)
+
+
+def test_default_normalisation_is_the_core_imagenet_one(tmp_path):
+    from internvl_fm.processing import IMAGENET_MEAN, IMAGENET_STD
+
+    config = tiny_config()
+    assert config.mean == list(IMAGENET_MEAN) and config.std == list(IMAGENET_STD)
+    model = SegmentationModel(config, vit=tiny_vit())
+    model.save_pretrained(tmp_path / "m")
+    assert SegmentationModel.from_pretrained(tmp_path / "m").config.mean == list(IMAGENET_MEAN)

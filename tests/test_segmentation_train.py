@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,21 @@ def test_ddp_training_with_torchrun(shapes, tmp_path):
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["step"] == 2 and 0 <= summaries[0]["mIoU"] <= 1
     assert latest_checkpoint(tmp_path / "work").name == "step_00000002"
+
+
+def test_a_crash_while_saving_the_final_model_keeps_the_previous_one(shapes, tmp_path, monkeypatch):
+    first = train(recipe(shapes, tmp_path, max_iters=2), progress=False)
+    before = SegmentationModel.from_pretrained(first.final_dir).state_dict()
+    save = SegmentationModel.save_pretrained
+
+    def crash_in_final(self, folder, *args, **kwargs):
+        save(self, folder, *args, **kwargs)
+        if Path(folder).name.lstrip(".").startswith("final"):  # final/ or its temp folder, not a checkpoint
+            raise KeyboardInterrupt  # killed after the new weights were written, before the save completed
+
+    monkeypatch.setattr(SegmentationModel, "save_pretrained", crash_in_final)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe(shapes, tmp_path, max_iters=3, seed=1), resume=False, progress=False)
+    after = SegmentationModel.from_pretrained(tmp_path / "final").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind

@@ -86,3 +86,11 @@ def test_read_metadata_names_the_bad_line(tmp_path):
         D.read_metadata(tmp_path)
     with pytest.raises(D.DatasetFormatError, match="no metadata.jsonl"):
         D.read_metadata(tmp_path / "missing")
+
+
+def test_dataset_format_error_is_a_typed_internvl_error(tmp_path):
+    from internvl_fm.errors import InternVLError
+
+    with pytest.raises(InternVLError) as info:  # the CLI prints any InternVLError as one line
+        D.read_metadata(tmp_path / "missing")
+    assert isinstance(info.value, D.DatasetFormatError) and isinstance(info.value, ValueError)

@@ -180,3 +180,29 @@ def test_torchrun_ddp_matches_a_single_process_on_the_same_global_batch(setup):
     single = json.loads((single_out / "log.jsonl").read_text().splitlines()[0])
     assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
     assert (ddp_out / "model.safetensors").is_file() and (ddp_out / "checkpoint-1").is_dir()
+
+
+def test_learning_rate_follows_the_transformers_cosine_with_a_floor(setup):
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    args = _args(setup["root"] / "schedule", max_steps=5, save_steps=0, warmup_steps=2, min_lr_ratio=0.25)
+    history = train_clip(setup["config"], setup["train"], args, tokenizer=setup["tok"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    reference = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 2, 5, min_lr_rate=0.25)
+    expected = []
+    for _ in range(5):  # the log holds the lr after each step's scheduler.step()
+        optimizer.step()
+        reference.step()
+        expected.append(reference.get_last_lr()[0])
+    assert [h["lr"] for h in history] == pytest.approx(expected, rel=1e-12)
+    assert history[-1]["lr"] == pytest.approx(0.25 * args.learning_rate)
+    with pytest.raises(ValueError, match="cosine schedule only"):
+        TrainingArguments(output_dir="x", lr_schedule="constant", min_lr_ratio=0.1)
+
+
+def test_training_errors_are_typed_internvl_errors(setup, tmp_path):
+    from internvl_fm.errors import InternVLError
+
+    with pytest.raises(InternVLError) as info:  # the CLI prints any InternVLError as one line
+        load_model(setup["config"], tmp_path)
+    assert isinstance(info.value, TrainingError) and isinstance(info.value, RuntimeError)

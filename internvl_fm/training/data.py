@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
+from internvl_fm.errors import InternVLError
 from internvl_fm.loading import atomic_directory
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
@@ -48,7 +49,7 @@ LANGUAGES: tuple[str, ...] = ("en", "zh", "ja", "es", "fr")
 ATTRIBUTES: tuple[str, ...] = ("shape", "color", "size", "position")
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(InternVLError, ValueError):
     """A dataset folder or one of its records does not have the expected layout (names the file and line)."""
 
 

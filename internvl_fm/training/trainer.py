@@ -17,26 +17,27 @@ import math
 import os
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from internvl_fm.loading import atomic_directory, atomic_write, save_state_dict
+from internvl_fm.errors import InternVLError
+from internvl_fm.loading import save_state_dict
 from internvl_fm.models.configuration_internvl import InternVLConfig
 from internvl_fm.models.modeling_internvl import InternVLModel
 
 from .data import DatasetFormatError, read_metadata
 from .evaluate import evaluate_retrieval, match_key
 from .loss import ClipLoss, clamp_logit_scale_
+from .runtime import (Checkpoints, JsonlLog, ResumableSampler, build_lr_scheduler, distributed, init_distributed,
+                      load_training_state, save_training_state)
 from .tokenizer import copy_tokenizer_files
 
 CHECKPOINT_PREFIX = "checkpoint-"
-TRAINING_STATE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
 LOG_FILE = "log.jsonl"
 
@@ -49,7 +50,7 @@ VISION_LORA_TARGETS = r"vision_model\.encoder\.layers\.\d+\.(attn\.proj|mlp\.fc1
 TEXT_LORA_TARGETS = r"qllama\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(InternVLError, RuntimeError):
     """Training cannot start or continue (bad model / data / checkpoint combination); the message says why."""
 
 
@@ -96,6 +97,9 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or (self.min_lr_ratio and self.lr_schedule != "cosine"):
+            raise ValueError(f"min_lr_ratio must be in [0, 1] and applies to the cosine schedule only, got "
+                             f"{self.min_lr_ratio} with lr_schedule {self.lr_schedule!r}")
         if self.freeze_vision and self.lora_vision_rank:
             raise ValueError("freeze_vision and lora_vision_rank exclude each other (LoRA already freezes the base)")
         if self.freeze_text and self.lora_text_rank:
@@ -171,38 +175,17 @@ class ImageTextDataset(Dataset):
         return self.pixels(index), self.caption(epoch, index), self.match_ids[index]
 
 
-class StepBatchSampler(Sampler):
-    """Yields, for steps `start_step..max_steps-1`, this rank's slice of the global batch as (epoch, index) pairs."""
+class StepBatchSampler(ResumableSampler):
+    """The runtime's `ResumableSampler` as batches of `(epoch, index)` items (what `ImageTextDataset` takes), one
+    batch per step `start_step..max_steps-1`, this rank's slice of the global batch."""
 
     def __init__(self, num_records: int, batch_size: int, seed: int, max_steps: int, start_step: int = 0,
                  rank: int = 0, world_size: int = 1):
-        self.num_records = num_records
-        self.batch_size = batch_size
-        self.seed = seed
-        self.max_steps = max_steps
-        self.start_step = start_step
-        self.rank = rank
-        self.world_size = world_size
-        self._perm_cache: dict[int, list[int]] = {}
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perm_cache:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm_cache = {epoch: torch.randperm(self.num_records, generator=gen).tolist()}
-        return self._perm_cache[epoch]
-
-    def batch(self, step: int) -> list[tuple[int, int]]:
-        """The (epoch, index) items of this rank at `step`."""
-        start = (step * self.world_size + self.rank) * self.batch_size
-        out = []
-        for pos in range(start, start + self.batch_size):
-            epoch = pos // self.num_records
-            out.append((epoch, self._perm(epoch)[pos % self.num_records]))
-        return out
+        super().__init__(num_records, batch_size, seed, rank, world_size, start_step, max_steps)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in range(self.start_step, self.max_steps):
-            yield self.batch(step)
+        for step in self.steps():
+            yield [(position // self.num_samples, index) for index, position in self.batch(step)]
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start_step)
@@ -392,21 +375,12 @@ class ContrastiveModel(nn.Module):
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest first (a checkpoint is complete once its folder is renamed in)."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = []
-    for child in out.iterdir():
-        m = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", child.name)
-        if m and (child / TRAINER_STATE).is_file() and (child / TRAINING_STATE).is_file():
-            found.append((int(m.group(1)), child))
-    return [p for _, p in sorted(found)]
+    return Checkpoints(output_dir, CHECKPOINT_PREFIX).list()
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint folder in `output_dir`, or None."""
-    dirs = checkpoint_dirs(output_dir)
-    return dirs[-1] if dirs else None
+    return Checkpoints(output_dir, CHECKPOINT_PREFIX).latest()
 
 
 def save_model(model: InternVLModel, folder: str | os.PathLike, tokenizer_dir: str | os.PathLike | None) -> Path:
@@ -423,33 +397,6 @@ def save_model(model: InternVLModel, folder: str | os.PathLike, tokenizer_dir: s
 
 
 # ------------------------------------------------------------------------------------------------------- trainer
-
-
-def _distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); initialises the process group when launched by torchrun."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def _lr_lambda(args: TrainingArguments):
-    def fn(step: int) -> float:
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        if args.lr_schedule == "constant":
-            return 1.0
-        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return fn
 
 
 class ContrastiveTrainer:
@@ -471,7 +418,10 @@ class ContrastiveTrainer:
         self.train_data = Path(train_data)
         self.eval_data = Path(eval_data) if eval_data is not None else None
         self.output_dir = Path(args.output_dir)
-        self.rank, self.world_size, self.device = _distributed()
+        self.dist = init_distributed()
+        self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
+        self.checkpoints = Checkpoints(self.output_dir, CHECKPOINT_PREFIX, keep=args.save_total_limit)
+        self.log = JsonlLog(self.output_dir / LOG_FILE, enabled=self.dist.is_main)
         self.history: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -495,13 +445,9 @@ class ContrastiveTrainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(args))
-        self.module: nn.Module = ContrastiveModel(self.model)
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.module = DistributedDataParallel(
-                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.scheduler = build_lr_scheduler(self.optimizer, args.lr_schedule, args.warmup_steps, args.max_steps,
+                                            args.min_lr_ratio)
+        self.module = self.dist.wrap(ContrastiveModel(self.model))
         self.loss_fn = ClipLoss(label_smoothing=args.label_smoothing)
         self.dataset = ImageTextDataset(self.train_data, self.model.image_size, args.seed, args.match_attributes,
                                         cache_images=args.cache_images, progress=args.progress and self.rank == 0)
@@ -524,39 +470,28 @@ class ContrastiveTrainer:
         """Write `checkpoint-{step}` atomically (rank 0): official model files + training state."""
         if self.rank != 0:
             return None
-        final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        with atomic_directory(final) as tmp:
-            save_model(self.model, tmp, self.tokenizer_dir)
-            state = {
-                "step": step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                "trainable": self._trainable_state(),
-            }
-            torch.save(state, tmp / TRAINING_STATE)
-            (tmp / TRAINER_STATE).write_text(json.dumps({
+
+        def write(folder: Path) -> None:
+            save_model(self.model, folder, self.tokenizer_dir)
+            save_training_state(folder, step, self.optimizer, self.scheduler, trainable=self._trainable_state())
+            (folder / TRAINER_STATE).write_text(json.dumps({
                 "step": step, "base_model": self.base_model, "train_data": str(self.train_data),
                 "world_size": self.world_size, "lora_modules": self.lora_modules,
                 "args": dataclasses.asdict(self.args),
                 "last_log": self.history[-1] if self.history else None,
             }, indent=2, default=str) + "\n")
-        limit = self.args.save_total_limit
-        if limit:
-            for old in checkpoint_dirs(self.output_dir)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+
+        return self.checkpoints.save(step, write)
 
     def load_checkpoint(self, folder: Path) -> int:
         """Restore model, optimizer, scheduler and RNG from `folder`; returns the step to continue from."""
         from internvl_fm.loading import load_state_dict
 
-        state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
         meta = json.loads((folder / TRAINER_STATE).read_text())
         if meta.get("lora_modules", []) != self.lora_modules:
             raise TrainingError(f"{folder} was trained with LoRA modules {meta.get('lora_modules')}, this run has "
                                 f"{self.lora_modules}: resume with the same LoRA settings")
+        state = load_training_state(folder, self.optimizer, self.scheduler)
         if state["trainable"] is not None:
             # LoRA run: the frozen base comes from --model, the adapters and other trainables from the state.
             params = dict(self.model.named_parameters())
@@ -572,30 +507,12 @@ class ContrastiveTrainer:
             with torch.no_grad():
                 for key, tensor in target.items():
                     tensor.copy_(weights[key])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return int(state["step"])
 
     # ---------------------------------------------------------------------------------------------- logging
     def _log(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
-        if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
-
-    def _truncate_log(self, step: int) -> None:
-        path = self.output_dir / LOG_FILE
-        if self.rank != 0 or not path.is_file():
-            return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        with atomic_write(path) as tmp:
-            Path(tmp).write_text("".join(line + "\n" for line in kept))
-        self.history = [json.loads(line) for line in kept]
+        self.log.append(entry)
 
     def evaluate(self) -> dict[str, Any] | None:
         """Recall on the eval set (rank 0; None without an eval set)."""
@@ -608,18 +525,15 @@ class ContrastiveTrainer:
     # ------------------------------------------------------------------------------------------------- loop
     def train(self, resume: bool = True) -> list[dict[str, Any]]:
         """Train until `max_steps`, resuming from the last checkpoint when `resume`; returns the log entries."""
-        import torch.distributed as dist
         from tqdm.auto import tqdm
 
         args = self.args
         self._prepare()
         start = 0
-        ckpt = last_checkpoint(self.output_dir) if resume else None
+        ckpt = self.checkpoints.latest() if resume else None
         if ckpt is not None:
             start = self.load_checkpoint(ckpt)
-            self._truncate_log(start)
-        elif self.rank == 0 and (self.output_dir / LOG_FILE).exists():
-            (self.output_dir / LOG_FILE).unlink()
+        self.history = self.log.resume_at(start)
         sampler = StepBatchSampler(len(self.dataset), args.batch_size, args.seed, args.max_steps, start,
                                    self.rank, self.world_size)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
@@ -662,25 +576,27 @@ class ContrastiveTrainer:
                                     r5=f"{metrics['t2i']['r@5']:.3f}")
             if args.save_steps and step % args.save_steps == 0 and step != args.max_steps:
                 self.save_checkpoint(step)
-                if self.world_size > 1:
-                    dist.barrier()
+                self.dist.barrier()
         bar.close()
         if step >= args.max_steps and start < args.max_steps:
             self.save_checkpoint(args.max_steps)
         if self.rank == 0:
             save_model(self.model, self.output_dir, self.tokenizer_dir)
-        if self.world_size > 1:
-            dist.barrier()
+        self.dist.barrier()
         return self.history
 
 
 def train_clip(model: str | os.PathLike, train_data: str | os.PathLike, args: TrainingArguments,
                eval_data: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
                resume: bool = True) -> list[dict[str, Any]]:
-    """Load `model` (checkpoint folder or config.json), train it on `train_data`, save into `args.output_dir`."""
-    net, tok_dir = load_model(model, tokenizer, seed=args.seed)
-    trainer = ContrastiveTrainer(net, args, train_data, eval_data, tokenizer_dir=tok_dir, base_model=str(model))
-    return trainer.train(resume=resume)
+    """Load `model` (checkpoint folder or config.json), train it on `train_data`, save into `args.output_dir`.
+
+    Under torchrun the process group is created here and destroyed when training ends.
+    """
+    with distributed():
+        net, tok_dir = load_model(model, tokenizer, seed=args.seed)
+        trainer = ContrastiveTrainer(net, args, train_data, eval_data, tokenizer_dir=tok_dir, base_model=str(model))
+        return trainer.train(resume=resume)
 
 
 __all__ = [
