@@ -22,7 +22,7 @@ from internvl_fm.models.configuration_internvl import InternVLConfig
 from internvl_fm.models.modeling_internvl import InternVLTextModel
 from internvl_fm.tokenization import InternVLTokenizer
 
-GOLDEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "golden" / "internvl_c_g" / "checkpoint"
+GOLDEN_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden" / "internvl_c_g" / "checkpoint"
 
 
 def small_text_model(tokenizer: InternVLTokenizer, hidden: int, layers: int) -> InternVLTextModel:
