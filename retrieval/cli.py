@@ -265,12 +265,17 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--max-k", type=_number("--max-k"), default=100, help="largest k a request may ask for")
     parser.add_argument("--max-upload-mb", type=_number("--max-upload-mb", float), default=DEFAULT_MAX_UPLOAD / 2**20,
                         help="largest request body")
+    parser.add_argument("--max-query-images", type=_number("--max-query-images"), default=8,
+                        help="query images one request may give (their embeddings are averaged)")
+    parser.add_argument("--max-image-pixels", type=_number("--max-image-pixels"), default=40_000_000,
+                        help="largest query image (width x height) decoded")
     parser.add_argument("--api-key", default=None, help="require this key (header X-API-Key or ?api_key=); "
                                                         "None: $INTERNVL_FM_API_KEY when set, else no key")
     add_model_options(parser)
     args = parser.parse_args(argv)
     try:
         config = ServerConfig(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                              max_query_images=args.max_query_images, max_image_pixels=args.max_image_pixels,
                               api_key=args.api_key or os.environ.get("INTERNVL_FM_API_KEY"))
     except OptionError as exc:
         raise _option_error(exc, args) from None

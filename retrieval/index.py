@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from internvl_fm.evaluation import neighbor_recall_at_k
-from internvl_fm.loading import atomic_write
+from internvl_fm.loading import atomic_write, clean_stale_temporaries
 
 from .embed import SHARD_DIR, EmbedConfig, Embedder, EmbeddingStore, EmbedReport, ModelSpec, model_reference, \
     run_embedding
@@ -391,12 +391,10 @@ class ImageIndex(SearchIndex):
         if store.num_rows == 0:
             first = f" (e.g. {report.failures[0].source}: {report.failures[0].reason})" if report.failures else ""
             raise SourceError(f"no image of {source} could be read{first}: nothing to index")
-        for kind in KINDS:
-            built = _build_kind(store, kind, options, spec, config.get("deleted", []), embed.progress)
-            if built is not None:
-                built.write(out / f"{kind}.index")
+        built = {kind: _build_kind(store, kind, options, spec, config.get("deleted", []), embed.progress)
+                 for kind in KINDS}
         config["last_report"] = _report_dict(report)
-        _write_json(config_file, config)
+        commit(out, config, {kind: target for kind, target in built.items() if target is not None})
         index = cls(out, model=model, device=device)
         index.last_report = report
         return index
@@ -452,11 +450,8 @@ class ImageIndex(SearchIndex):
         return len(new)
 
     def save(self) -> None:
-        """Write the indexes and `index.json` atomically."""
-        for kind, target in self.indexes.items():
-            target.info["ntotal"] = int(target.index.ntotal)
-            target.write(self.root / f"{kind}.index")
-        self._save_config()
+        """Commit the indexes and `index.json` as one atomic step (see `commit`)."""
+        commit(self.root, self.config, self.indexes)
 
     def _save_config(self) -> None:
         _write_json(self.root / INDEX_FILE, self.config)
@@ -464,8 +459,7 @@ class ImageIndex(SearchIndex):
     def _writable(self) -> None:
         """Memory-mapped indexes are read-only: reload them into RAM before changing them."""
         if self._mmap:
-            for kind in list(self.indexes):
-                self.indexes[kind] = _FaissIndex.read(self.root / f"{kind}.index", mmap=False)
+            self.indexes = self._read_indexes(mmap=False)
             self._mmap = False
 
     def _remeasure(self, kind: str, num_queries: int = 200) -> None:
@@ -570,6 +564,50 @@ def _report_dict(report: EmbedReport) -> dict:
     data = asdict(report)
     data["failures"] = data["failures"][:1000]
     return data
+
+
+_LEFTOVER = re.compile(r"\.((?:image|text)(?:\.\d+)?\.index(?:\.json)?)\..*\.(?:tmp|old)")
+
+
+def _named_files(config: dict) -> set[str]:
+    """The FAISS files a manifest names (the fixed names of the older layout when it names none)."""
+    if "indexes" in config:
+        return {entry["file"] for entry in config["indexes"].values()}
+    return {name for kind in KINDS for name in (f"{kind}.index", f"{kind}.index.json")}
+
+
+def _remove_unnamed(root: Path, config: dict) -> None:
+    """Delete FAISS files the manifest `config` does not name and temporaries of crashed writes."""
+    named = _named_files(config)
+    clean_stale_temporaries(root / INDEX_FILE)
+    for path in root.iterdir():
+        leftover = _LEFTOVER.fullmatch(path.name)
+        if leftover:
+            clean_stale_temporaries(root / leftover.group(1))
+        elif re.fullmatch(r"(image|text)(\.\d+)?\.index(\.json)?", path.name) and path.name not in named:
+            path.unlink(missing_ok=True)
+
+
+def commit(root: Path, config: dict, indexes: dict[str, _FaissIndex]) -> None:
+    """Write `indexes` and the manifest `config` (index.json) as one atomic step.
+
+    The FAISS files are written under new names (`KIND.{generation}.index`); `index.json`, written last with one
+    rename, names them with their descriptions. A crash before that rename leaves the previous manifest and the
+    files it names (the new files are orphans, removed here on the next write); after it, the new state. The files
+    of the previous generation are removed once the manifest no longer names them."""
+    root = Path(root)
+    on_disk = json.loads((root / INDEX_FILE).read_text()) if (root / INDEX_FILE).is_file() else {}
+    _remove_unnamed(root, on_disk)  # leftovers of an earlier crashed write
+    generation = int(config.get("generation", 0)) + 1
+    entries = {}
+    for kind, target in indexes.items():
+        target.info["ntotal"] = int(target.index.ntotal)
+        name = f"{kind}.{generation}.index"
+        target.write(root / name)
+        entries[kind] = {"file": name, "info": dict(target.info)}
+    config.update(generation=generation, indexes=entries)
+    _write_json(root / INDEX_FILE, config)  # the commit point
+    _remove_unnamed(root, config)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -4,9 +4,17 @@ pieces a query needs (the index file pair, per-call search parameters, exact sea
 Folder layout (everything in one output folder, clip-retrieval + autofaiss style)::
 
     img_emb/ text_emb/ metadata/ shards/    the embedding store (see embed.py)
-    image.index  image.index.json           FAISS index over image embeddings + its description
-    text.index   text.index.json            FAISS index over caption embeddings (when there are captions)
-    index.json                              model spec, index options, image roots, sources, deleted ids
+    image.{G}.index                         FAISS index over image embeddings (generation G)
+    text.{G}.index                          FAISS index over caption embeddings (when there are captions)
+    index.json                              the manifest: model spec, index options, image roots, sources, deleted
+                                            ids, and for each FAISS index its file name and description
+
+Writes are atomic as a whole: new FAISS files get new names, then `index.json` (written last, by one rename) names
+them; the files it no longer names are removed afterwards. A crash at any point leaves the previous manifest and
+the files it names, so an index never pairs vectors with a description (or deleted ids) of another state. Opening
+checks that each FAISS file holds the vectors its description counts and that the image index holds one vector
+per committed row (`indexed_rows`); store rows beyond it (embedded by an interrupted `add`) are not visible until
+the next `add` indexes them. Folders of the older layout (`image.index` + `image.index.json`) are still read.
 
 Indexes are built and changed by `index.ImageIndex` (a SearchIndex that can also build, add and delete).
 """
@@ -115,20 +123,24 @@ class _FaissIndex:
         return search.get("value")
 
     @classmethod
-    def read(cls, path: Path, mmap: bool) -> _FaissIndex:
+    def read(cls, path: Path, mmap: bool, info: dict | None = None) -> _FaissIndex:
+        """The index in `path` with its description (`info`; None: the legacy `path.json` beside it)."""
         import faiss
 
-        info = json.loads(path.with_name(path.name + ".json").read_text())
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        if info is None:
+            info = json.loads(path.with_name(path.name + ".json").read_text())
+        try:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        except RuntimeError as exc:
+            raise IndexStateError(f"cannot read the FAISS index {path}: {str(exc).splitlines()[0]}") from exc
         return cls(index, info)
 
     def write(self, path: Path) -> None:
+        """Write the FAISS file only (its description goes into the manifest, see `ImageIndex.save`)."""
         import faiss
 
         with atomic_write(path) as tmp:
             faiss.write_index(self.index, tmp)
-        with atomic_write(path.with_name(path.name + ".json")) as tmp:
-            Path(tmp).write_text(json.dumps(self.info, indent=1))
 
     def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(queries, k, params=search_parameters(self.family, self.knob, exclude))
@@ -152,13 +164,10 @@ class SearchIndex:
         self._device, self._dtype = device, dtype  # how to load the model (dtype None: the spec's)
         self._lock = threading.Lock()
         self._mmap = mmap
-        self.indexes: dict[str, _FaissIndex] = {}
-        for kind in KINDS:
-            path = self.root / f"{kind}.index"
-            if path.is_file():
-                self.indexes[kind] = _FaissIndex.read(path, mmap)
+        self.indexes = self._read_indexes(mmap)
         self.deleted = np.asarray(sorted(self.config.get("deleted", [])), dtype=np.int64)
         self._load_metadata()
+        self._check_counts()
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Embedder | None = None, mmap: bool = True,
@@ -167,11 +176,61 @@ class SearchIndex:
         (on `device`, in `dtype` when given, else in the dtype the index was built with)."""
         return cls(path, model=model, mmap=mmap, device=device, dtype=dtype)
 
+    def _read_indexes(self, mmap: bool) -> dict[str, _FaissIndex]:
+        """The FAISS indexes the manifest names (or, in a folder of the older layout, `KIND.index` + `.json`)."""
+        for _ in range(3):  # a writer may commit a new generation (and remove these files) while we open them
+            named = [self.root / entry["file"] for entry in self.config.get("indexes", {}).values()]
+            if all(path.is_file() for path in named):
+                break
+            self.config = json.loads((self.root / INDEX_FILE).read_text())
+        if "indexes" in self.config:
+            return {kind: _FaissIndex.read(self.root / entry["file"], mmap, dict(entry["info"]))
+                    for kind, entry in self.config["indexes"].items()}
+        return {kind: _FaissIndex.read(self.root / f"{kind}.index", mmap) for kind in KINDS
+                if (self.root / f"{kind}.index").is_file()}
+
     def _load_metadata(self) -> None:
-        table = self.store.read_metadata(["id", "key", "image_path", "caption"])
+        self._shards = self.store.shards()
+        rows = self.committed_rows
+        table = self.store.read_metadata(["id", "key", "image_path", "caption"]).slice(0, rows)
         self._keys = table.column("key").to_pylist()
         self._paths = table.column("image_path").to_pylist()
         self._captions = table.column("caption").to_pylist()
+
+    @property
+    def committed_rows(self) -> int:
+        """Rows the indexes cover (the store may hold more, embedded by an interrupted `add`)."""
+        stored = sum(s.rows for s in self._shards)
+        if "image" not in self.indexes:
+            return stored
+        rows = int(self.indexes["image"].info.get("indexed_rows", stored))
+        if rows > stored:
+            raise IndexStateError(f"{self.root}: the index covers {rows} rows but the embedding store holds only "
+                                  f"{stored}; the store lost shards - rebuild the index")
+        return rows
+
+    def _check_counts(self) -> None:
+        """Refuse a folder whose FAISS files do not match their descriptions or the committed rows (e.g. a torn
+        write of the older layout, whose next `add` would insert duplicate vectors)."""
+        for kind, target in self.indexes.items():
+            vectors, described = int(target.index.ntotal), target.info.get("ntotal")
+            if described is not None and vectors != int(described):
+                raise IndexStateError(f"{self.root}: {kind} index holds {vectors} vectors but its description says "
+                                      f"{described} (a torn write); rebuild the index from its store")
+        if "image" in self.indexes:
+            removed = 0 if self.indexes["image"].family == "hnsw" else len(self.deleted)
+            vectors, expected = int(self.indexes["image"].index.ntotal), len(self._keys) - removed
+            if vectors != expected:
+                raise IndexStateError(f"{self.root}: the image index holds {vectors} vectors for {expected} rows "
+                                      f"({len(self._keys)} indexed, {removed} deleted); rebuild the index from its "
+                                      "store")
+
+    def stored_vector(self, id_: int) -> np.ndarray:
+        """The stored image embedding of row `id_` (float32 [D])."""
+        for shard in self._shards:
+            if shard.first_id <= id_ < shard.first_id + shard.rows:
+                return np.asarray(self.store.read_image_embeddings(shard)[id_ - shard.first_id], dtype=np.float32)
+        raise IndexStateError(f"row {id_} is not in {self.root} (0..{len(self) - 1})")
 
     # ------------------------------------------------------------------------------------------------ the model
     @property

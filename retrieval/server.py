@@ -4,15 +4,21 @@ Endpoints::
 
     GET  /                     web page (search box, image upload, result grid)
     GET  /search?text=..&k=..  text search (target=captions searches the caption index instead of images)
-    POST /search               JSON {"text"| "embedding"| "image" (base64), "k", "target"},
-                               multipart form (text / image file / k), or a raw image body (image/*, octet-stream)
+    POST /search               JSON {"text"| "embedding"| "image", "k", "target"}: "image" is one base64 image, or
+                               a list of up to `max_query_images` references (an indexed row id, a data: URL, or
+                               the path of an image file under the index's image roots) whose embeddings are
+                               averaged; a multipart form (text / image file / k), or a raw image body
     GET  /images/{id}          the indexed image file with that id (only files under the index's image roots)
     GET  /health               {"status": "ok", ...}
     GET  /metrics              Prometheus text format
 
 Safety: binds 127.0.0.1 unless told otherwise (cli), request bodies over `max_upload_bytes` are refused with 413
-before they are read, `k` is capped, an optional API key (header `X-API-Key` or `?api_key=`) guards everything
-except `/health` and the page itself.
+(by Content-Length up front, or once a chunked body passes the cap: reading stops there), `k` and the number of
+query images are capped, a query image is decoded only under the model lock (one decoded image in memory at a time)
+and refused above `max_image_pixels`; a path that is not a readable image under the index's image roots gets one
+and the same 422 whether it is missing, not an image or outside the roots (no file-existence oracle). Client input
+never causes a 5xx: malformed, non-finite, deeply nested or non-Unicode input is a 4xx. An optional API key (header
+`X-API-Key` or `?api_key=`) guards everything except `/health` and the page itself.
 
 Layout: `ServerConfig` (limits, checked when made); the pydantic models `SearchRequest` (every field of a query
 checked once, where the request comes in) and `SearchResponse` / `SearchHit` / `Health`; `SearchService` (the
@@ -24,8 +30,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import mimetypes
 import os
+import re
 import threading
 import time
 from collections import defaultdict
@@ -37,15 +45,20 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from internvl_fm.errors import ImageLoadError
+from internvl_fm.processing import load_image
 
 from .errors import IndexStateError, check_int
-from .search import Hit, SearchIndex
+from .search import Hit, SearchIndex, normalize
 
 DEFAULT_MAX_UPLOAD = 8 * 2**20
+# the one answer to a path or id that may not be used as a query image (missing, not an image, outside the roots)
+REFUSED_IMAGE = "image: each reference must be an indexed row id or an image file under the index's image roots"
+_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit() is True), short enough for int()
 _KINDS = {"images": "image", "captions": "text"}  # request target -> index kind
 
 
@@ -56,12 +69,16 @@ class ServerConfig:
     max_k: int = 100
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     max_query_chars: int = 1000
+    max_query_images: int = 8  # query images per request (their embeddings are averaged)
+    max_image_pixels: int = 40_000_000  # a larger query image is refused (400) before it is decoded
     api_key: str | None = None
 
     def __post_init__(self):
         check_int("max_k", self.max_k, 1)
         check_int("max_upload_bytes", self.max_upload_bytes, 1)
         check_int("max_query_chars", self.max_query_chars, 1)
+        check_int("max_query_images", self.max_query_images, 1)
+        check_int("max_image_pixels", self.max_image_pixels, 1)
 
 
 # -------------------------------------------------------------------------------------- request / response models
@@ -70,27 +87,69 @@ def _limits(info: ValidationInfo) -> ServerConfig:
     return (info.context or {}).get("config") or ServerConfig()
 
 
+ImageRef = bytes | int | str  # image bytes, an indexed row id, or a path under the index's image roots
+
+
+def _base64(value: str) -> bytes:
+    """Base64 text, or a `data:...;base64,` URL, as bytes."""
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be base64 in JSON") from None
+
+
+def _reference(item: Any) -> ImageRef:
+    """One item of an image list: an int id, a data: URL (-> bytes) or a path (str); anything else is refused."""
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, int) and not isinstance(item, bool):
+        return item
+    if isinstance(item, str) and item:
+        return _base64(item) if item.startswith("data:") else item
+    raise ValueError("each image must be a row id, a data: URL or a path")
+
+
 class SearchRequest(BaseModel):
-    """One search. The query is the image when one is given (bytes; base64 in JSON), else the embedding, else the
-    text; `k` hits (1..max_k) from the image or the caption index. Validate with `context={"config": ...}`."""
+    """One search. The query is the image(s) when given, else the embedding, else the text; `k` hits (1..max_k)
+    from the image or the caption index. `image` is one image (bytes; base64 in JSON) or a list of 1..
+    max_query_images references (row ids, data: URLs, paths under the index's roots), whose embeddings are averaged.
+    Validate with `context={"config": ...}`."""
 
     model_config = ConfigDict(extra="ignore")
 
     text: str | None = None
-    image: bytes | None = None
+    image: list[ImageRef] | None = None
     embedding: list[float] | None = None
     k: int = 10
     target: Literal["images", "captions"] = "images"
 
     @field_validator("image", mode="before")
     @classmethod
-    def _decode_image(cls, value: Any) -> Any:
-        if isinstance(value, str) and value:  # JSON carries base64
+    def _read_images(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):  # JSON carries one image as base64 (or a data: URL)
+            value = _base64(value) if value else b""
+        if isinstance(value, (bytes, bytearray)):
+            return [bytes(value)] if value else None  # an empty upload is no image
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise ValueError("must be base64 text or a list of images")
+        limit = _limits(info).max_query_images
+        if not 1 <= len(value) <= limit:
+            raise ValueError(f"give between 1 and {limit} images, got {len(value)}")
+        return [_reference(item) for item in value]
+
+    @field_validator("text")
+    @classmethod
+    def _unicode_text(cls, text: str | None) -> str | None:
+        if text is not None:
             try:
-                return base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise ValueError("must be base64 in JSON") from None
-        return value or None  # an empty upload is no image
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("must be valid Unicode (it holds a lone surrogate)") from None
+        return text
 
     @field_validator("k")
     @classmethod
@@ -195,12 +254,10 @@ class _Metrics:
         return "\n".join(lines) + "\n"
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
-    """ASGI middleware: 413 for a body over `max_bytes`, by Content-Length up front or counted while streaming."""
+    """ASGI middleware: 413 for a body over `max_bytes`, by Content-Length up front; a body without one (chunked)
+    is read here first, at most `max_bytes` + one chunk, and handed to the app only when it fits (reading stops at
+    the cap; the app never sees a half-read body)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -209,30 +266,31 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(send)
-        received = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal received
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)  # the server holds the body to its Content-Length
+        chunks, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send):
         body = f'{{"detail": "request body larger than {self.max_bytes} bytes"}}'.encode()
@@ -250,6 +308,20 @@ def _within(path: str, roots: list[str]) -> bool:
         if os.path.commonpath([real, root_real]) == root_real:
             return True
     return False
+
+
+def _resolve_under(path: str, roots: list[str]) -> str | None:
+    """The real path of the regular file `path` names inside one of `roots` (a relative path is taken relative to
+    each root in turn), or None: missing, not a file, outside every root, or not a valid path at all."""
+    try:
+        candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in roots]
+        for candidate in candidates:
+            real = os.path.realpath(candidate)
+            if os.path.isfile(real) and _within(real, roots):
+                return real
+    except (OSError, ValueError):  # NUL bytes, lone surrogates, names too long
+        pass
+    return None
 
 
 def _page() -> str:
@@ -272,16 +344,37 @@ class SearchService:
             return self.index.embed_text(text)[0]
 
     def image_vector(self, data: bytes) -> np.ndarray:
+        """The embedding of uploaded image bytes (400 when they are not a readable image)."""
         try:
-            with self._model_lock:
-                return self.index.embed_image(data)[0]
+            with self._model_lock:  # decoded here: one decoded query image in memory at a time
+                return self.index.embed_image(load_image(data, self.config.max_image_pixels))[0]
         except ImageLoadError as exc:
             raise HTTPException(400, f"cannot read the uploaded image: {exc.reason}") from exc
+
+    def reference_vector(self, ref: ImageRef) -> np.ndarray:
+        """The embedding of one query image: uploaded bytes, an indexed row (its stored vector) or a path under the
+        index's image roots. Every refused id or path gets the same 422 (REFUSED_IMAGE)."""
+        if isinstance(ref, bytes):
+            return self.image_vector(ref)
+        index = self.index
+        if isinstance(ref, int):
+            if not 0 <= ref < len(index) or index.is_deleted(ref):
+                raise HTTPException(422, REFUSED_IMAGE)
+            return index.stored_vector(ref)
+        path = _resolve_under(ref, index.image_roots)
+        if path is None:
+            raise HTTPException(422, REFUSED_IMAGE)
+        try:
+            with self._model_lock:
+                return index.embed_image(load_image(path, self.config.max_image_pixels))[0]
+        except ImageLoadError:
+            raise HTTPException(422, REFUSED_IMAGE) from None
 
     def search(self, query: SearchRequest) -> SearchResponse:
         started = time.perf_counter()
         if query.image is not None:
-            vector = self.image_vector(query.image)
+            vectors = [self.reference_vector(ref) for ref in query.image]
+            vector = normalize(np.stack(vectors)).mean(axis=0) if len(vectors) > 1 else vectors[0]
         elif query.embedding is not None:
             vector = np.asarray(query.embedding, dtype=np.float32)
         else:
@@ -323,8 +416,8 @@ async def _post_query(request: Request, service: Service) -> SearchRequest:
     if content_type == "application/json":
         try:
             payload = await request.json()
-        except ValueError as exc:
-            raise HTTPException(400, "body is not valid JSON") from exc
+        except (ValueError, RecursionError):  # also bad UTF-8, ints over 4300 digits, nesting deeper than Python
+            raise HTTPException(400, "body is not valid JSON (or nested too deeply)") from None
         if not isinstance(payload, dict):
             raise HTTPException(422, "JSON body must be an object")
         params.update(payload)
@@ -374,7 +467,7 @@ def search_post(query: Annotated[SearchRequest, Depends(_post_query)], service: 
 @api.get("/images/{image_id}")
 def get_image(image_id: str, service: Service) -> FileResponse:
     index = service.index
-    if not image_id.isdigit() or int(image_id) >= len(index) or index.is_deleted(int(image_id)):
+    if not _ID.fullmatch(image_id) or int(image_id) >= len(index) or index.is_deleted(int(image_id)):
         raise HTTPException(404, "no such image id")
     path = index.hit(int(image_id), 0.0).image_path
     if path is None or not os.path.isfile(path):
@@ -398,9 +491,21 @@ async def _observe(request: Request, call_next):
     return response
 
 
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII escaped: an error message can never fail to encode (lone surrogates included)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _AsciiJSON({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
 def create_app(index: SearchIndex, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI application serving `index`."""
     app = FastAPI(title="internvl-fm search", docs_url=None, redoc_url=None)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # fastapi's HTTPException and routing 404/405
     app.state.service = SearchService(index, config or ServerConfig())
     app.include_router(public)
     app.include_router(api)

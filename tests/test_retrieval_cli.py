@@ -59,7 +59,7 @@ def test_text_emb_stays_row_aligned_for_embedding_reader(tmp_path, tiny_clip_pat
     saved = json.loads((out / "index.json").read_text())
     assert saved["options"]["factory"] == "HNSW32,Flat" and saved["options"]["min_recall"] == 0.9
     assert saved["embed"] == {"captions": True, "storage_dtype": "float16"}
-    assert json.loads((out / "text.index.json").read_text())["factory"] == "HNSW32,Flat"
+    assert saved["indexes"]["text"]["info"]["factory"] == "HNSW32,Flat"
     assert np.load(out / "img_emb" / "img_emb_6.npy").dtype == np.float16
 
     numbers = {folder: sorted(int(re.findall(r"\d+", p.name)[0]) for p in (out / folder).iterdir())

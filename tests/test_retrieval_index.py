@@ -1,7 +1,6 @@
 """Retrieval FAISS layer: index choice, ANN == exact on small data, recall measured, add / delete / mmap."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -93,8 +92,9 @@ def test_faiss_index_roundtrip_mmap_and_delete(tmp_path):
     result = build_index(_shards(x), len(x), 32, progress=False, flat_max=100)  # HNSW: cannot remove ids
     target = _FaissIndex(result.index, result.info())
     target.write(tmp_path / "image.index")
-    assert json.loads((tmp_path / "image.index.json").read_text())["factory"] == "HNSW32,Flat"
-    loaded = _FaissIndex.read(tmp_path / "image.index", mmap=True)
+    assert not (tmp_path / "image.index.json").exists()  # the description goes into the manifest (index.json)
+    loaded = _FaissIndex.read(tmp_path / "image.index", mmap=True, info=result.info())
+    assert loaded.family == "hnsw" and loaded.index.ntotal == 3000
     _, ids = loaded.search(x[:5], 1, None)
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
     _, ids = loaded.search(x[:5], 3, np.array([0, 2]))

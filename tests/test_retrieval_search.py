@@ -55,7 +55,9 @@ def test_saved_index_remembers_model_and_recall(built, tiny_clip_path):
     config = json.loads((root / "index" / "index.json").read_text())
     assert config["model"] == {"path": str(tiny_clip_path), "mode": "InternVL-C", "image_size": 28,
                                "dtype": "float32"}
-    info = json.loads((root / "index" / "image.index.json").read_text())
+    entry = config["indexes"]["image"]  # the manifest names the FAISS file and holds its description
+    assert (root / "index" / entry["file"]).is_file()
+    info = entry["info"]
     assert info["factory"] == "Flat" and info["search"]["recall"] == 1.0 and info["model"]["image_size"] == 28
     assert info["ntotal"] == N and str((root / "imgs").resolve()) in config["image_roots"]
     loaded = ImageIndex.load(root / "index")  # no model given: loaded from the spec on first query
