@@ -5,10 +5,15 @@ Public names are imported lazily (on first attribute access), so `import internv
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# torchao (int8) registers pytree constants that torch 2.14 logs as deprecated whenever transformers imports it (in
+# every process, DataLoader workers included): noise the user cannot act on, and it breaks one-line CLI errors.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "InternVLError": "internvl_fm.errors",
