@@ -225,7 +225,7 @@ def test_torchrun_processes_init_and_tear_down_a_gloo_group(tmp_path):
 
     script = tmp_path / "worker.py"
     script.write_text(
-        "import json, torch, torch.distributed as dist\n"
+        "import json, sys, torch, torch.distributed as dist\n"
         "from internvl_fm.training.runtime import distributed\n"
         "with distributed('cpu') as state:\n"
         "    x = torch.tensor([state.rank + 1.0])\n"
@@ -234,13 +234,13 @@ def test_torchrun_processes_init_and_tear_down_a_gloo_group(tmp_path):
         "    info = dict(rank=state.rank, world=state.world_size, owns=state.owns_process_group, sum=x.item(),\n"
         "                backend=dist.get_backend(), wrapped=wrapped)\n"
         "info['after'] = dist.is_initialized()\n"
-        "print(json.dumps(info))\n")
+        "open(f'{sys.argv[1]}/rank{info[\"rank\"]}.json', 'w').write(json.dumps(info))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], capture_output=True, text=True, env=env, timeout=240)
+                           str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    infos = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                   key=lambda i: i["rank"])
+    # one file per rank: two processes printing to one pipe can interleave their lines
+    infos = sorted((json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")), key=lambda i: i["rank"])
     assert [i["rank"] for i in infos] == [0, 1]
     assert all(i["world"] == 2 and i["owns"] and i["sum"] == 3.0 and i["backend"] == "gloo" for i in infos)
     assert all(i["wrapped"] == "DistributedDataParallel" and i["after"] is False for i in infos)
