@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from internvl_fm.cli_utils import CLIError, HelpFormatter, add_model_options, dtype_or_none, new_parser, resolve_device
+from internvl_fm.quantization import add_quantization_option
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 CLIP_MODEL_HELP = "InternVL-C/G checkpoint folder or hub id (InternVL-14B-224px layout)"
@@ -27,7 +28,8 @@ def _load_model(args: argparse.Namespace, *, need_text: bool = True):
     from internvl_fm import InternVisionModel, InternVLModel
 
     cls = InternVLModel if need_text else InternVisionModel
-    return cls.from_pretrained(args.model, dtype=dtype_or_none(args.dtype), device=resolve_device(args.device))
+    return cls.from_pretrained(args.model, dtype=dtype_or_none(args.dtype), device=resolve_device(args.device),
+                               quantization=args.quantization)
 
 
 def _read_list(value: str | None) -> list[str] | None:
@@ -84,6 +86,7 @@ def classify_main(argv: list[str]) -> int:
     parser.add_argument("--cache-dir", default=None, help="cache the text classifier here (safetensors)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per input instead of text")
     add_model_options(parser, model=CLIP_MODEL_HELP)
+    add_quantization_option(parser)
     args = parser.parse_args(argv)
 
     from .prompts import normalize_language, validate_labels, validate_templates
@@ -178,6 +181,7 @@ def eval_main(argv: list[str]) -> int:
                                               "per-class recall.")
     _add_data_args(zeroshot, "test")
     add_model_options(zeroshot, model=CLIP_MODEL_HELP)
+    add_quantization_option(zeroshot)
     zeroshot.add_argument("--mode", default="InternVL-C", choices=["InternVL-C", "InternVL-G"], help=MODE_HELP)
     zeroshot.add_argument("--lang", default="en", help="language of templates (and of --classnames imagenet)")
     zeroshot.add_argument("--classnames", default=None,
@@ -224,6 +228,7 @@ def eval_main(argv: list[str]) -> int:
 def _add_probe_args(parser: argparse.ArgumentParser, split: str, head_help: str) -> None:
     _add_data_args(parser, split)
     add_model_options(parser, model=VIT_MODEL_HELP)
+    add_quantization_option(parser)
     parser.add_argument("--head", required=True, help=head_help)
     parser.add_argument("--feature", default="cls_patch_concat", choices=["cls_patch_concat", "clip_embedding"],
                         help="cls_patch_concat: CLS + mean patch token of the last block (official probe); "

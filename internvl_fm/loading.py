@@ -1,13 +1,17 @@
 """Reading and writing checkpoints in the official on-disk layout.
 
 config.json + model.safetensors (or sharded `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, or
-`pytorch_model*.bin` read with `torch.load(weights_only=True)`). Models are built on the meta device and the weights
-are assigned tensor by tensor, so peak memory stays near the size of the weights. Partial loads (the vision tower of
-a full checkpoint, the text side only) read only the tensors they need.
+`pytorch_model*.bin` read with `torch.load(weights_only=True)`). Models are built on the meta device; keys and shapes
+are checked from the safetensors headers before any tensor is read; then tensors stream in one at a time, shard by
+shard, cast to the asked dtype as they are read (through a 1 MiB buffer) and assigned, so loading peaks near the size
+of the final weights (an fp32 checkpoint loaded as bf16: ~1.01x the bf16 weights). `quantization="int8"` quantises
+each block linear as soon as its weights are in. Partial loads (the vision tower of a full checkpoint, the text side
+only) read only the tensors they need.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -16,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -164,22 +168,40 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_READ_CHUNK_BYTES = 1024**2  # a cast reads the stored tensor through a buffer of this size
+
+
+class TensorInfo(NamedTuple):
+    """Where a stored tensor lives and what it is (from the file header: no tensor data read)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offsets: tuple[int, int] | None  # byte range in a safetensors file (None for pickles)
+
+
 class WeightFiles:
-    """The weight files of one checkpoint folder and which file holds which key."""
+    """The weight files of one checkpoint folder, which file holds which key, and each tensor's dtype / shape.
+
+    `stream` reads tensors one at a time, file after file, casting each as it is read (through a small buffer), so
+    loading peaks near the size of the cast weights, never at the stored (e.g. float32) size.
+    """
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self._headers: dict[str, dict[str, TensorInfo]] = {}
         if (folder / SAFE_INDEX).is_file():
             self.weight_map = self._read_index(folder / SAFE_INDEX)
         elif (folder / SAFE_SINGLE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(folder / SAFE_SINGLE, framework="pt") as fh:
-                self.weight_map = {k: SAFE_SINGLE for k in fh.keys()}
+            self.weight_map = {k: SAFE_SINGLE for k in self.header(SAFE_SINGLE)}
         elif (folder / BIN_INDEX).is_file():
             self.weight_map = self._read_index(folder / BIN_INDEX)
         elif (folder / BIN_SINGLE).is_file():
-            self.weight_map = {k: BIN_SINGLE for k in torch_load_state_dict(folder / BIN_SINGLE)}
+            self.weight_map = {k: BIN_SINGLE for k in self.header(BIN_SINGLE)}
         else:
             raise CheckpointNotFoundError(f"no weights in {folder}: expected {SAFE_SINGLE}, {SAFE_INDEX}, "
                                           f"{BIN_SINGLE} or {BIN_INDEX}")
@@ -202,27 +224,118 @@ class WeightFiles:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
-    def load(self, keys: list[str] | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Load `keys` (all by default), opening each shard once."""
+    def header(self, file: str) -> dict[str, TensorInfo]:
+        """key -> TensorInfo of one weight file (safetensors: its JSON header; pickles: a memory-mapped load)."""
+        if file not in self._headers:
+            path = self.folder / file
+            if file.endswith(".safetensors"):
+                self._headers[file] = _safetensors_header(path)
+            else:
+                self._headers[file] = {k: TensorInfo(v.dtype, tuple(v.shape), None)
+                                       for k, v in torch_load_state_dict(path).items()}
+        return self._headers[file]
+
+    def info(self, key: str) -> TensorInfo:
+        """dtype and shape of a stored tensor, read from its file's header."""
+        info = self.header(self.weight_map[key]).get(key)
+        if info is None:
+            raise WeightLoadingError(f"{self.weight_map[key]} does not hold {key!r} (named by the index)")
+        return info
+
+    def stream(self, keys: list[str] | None = None,
+               dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) pairs for `keys` (all by default), file by file in storage order; floating tensors are cast
+        to `dtype` as they are read."""
         keys = self.keys() if keys is None else keys
         by_file: dict[str, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.weight_map[key], []).append(key)
-        out: dict[str, torch.Tensor] = {}
+        buffers: dict[torch.dtype, torch.Tensor] = {}  # one read buffer per stored dtype, reused: no heap churn
         for file, file_keys in by_file.items():
             path = self.folder / file
             if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                with safe_open(path, framework="pt") as fh:
+                header = self.header(file)
+                file_keys.sort(key=lambda k: self.info(k).offsets or (0, 0))
+                data_start = _safetensors_data_start(path)
+                with open(path, "rb", buffering=0) as fh:
                     for key in file_keys:
-                        out[key] = _cast(fh.get_tensor(key), dtype)
+                        yield key, _read_safetensors_tensor(fh, data_start, header[key], dtype, f"{file}:{key}",
+                                                            buffers)
             else:
                 blob = torch_load_state_dict(path)
                 for key in file_keys:
-                    out[key] = _cast(blob[key], dtype)
+                    yield key, _cast(blob[key], dtype)
                 del blob
+
+    def load(self, keys: list[str] | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Load `keys` (all by default) into a dict, opening each shard once."""
+        return dict(self.stream(keys, dtype))
+
+
+def _safetensors_data_start(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return 8 + int.from_bytes(fh.read(8), "little")
+
+
+def _safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """key -> TensorInfo from the JSON header of a safetensors file (no tensor data read)."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= min(100 * 1024**2, os.fstat(fh.fileno()).st_size):
+                raise ValueError(f"header size {size}")
+            raw = json.loads(fh.read(size))
+        out = {}
+        for key, entry in raw.items():
+            if key == "__metadata__":
+                continue
+            begin, end = (int(o) for o in entry["data_offsets"])
+            out[key] = TensorInfo(_SAFETENSORS_DTYPES[entry["dtype"]], tuple(int(d) for d in entry["shape"]),
+                                  (begin, end))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise WeightLoadingError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def _read_into(fh: Any, tensor: torch.Tensor, where: str) -> None:
+    """Fill the contiguous CPU `tensor` with the next bytes of `fh`."""
+    import ctypes
+
+    nbytes = tensor.numel() * tensor.element_size()
+    view = memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B") if nbytes else b""
+    done = 0
+    while done < nbytes:
+        n = fh.readinto(view[done:])
+        if not n:
+            raise WeightLoadingError(f"{where}: the file ends before the tensor's last byte (truncated download?)")
+        done += n
+
+
+def _read_safetensors_tensor(fh: Any, data_start: int, info: TensorInfo, dtype: torch.dtype | None,
+                             where: str, buffers: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
+    """Read one tensor with plain reads (no mmap: the stored bytes never stay resident); a cast goes through a small
+    buffer, so only the cast tensor is ever allocated whole."""
+    begin, end = info.offsets
+    numel = _numel(list(info.shape))
+    if numel * info.dtype.itemsize != end - begin:
+        raise WeightLoadingError(f"{where}: header says {end - begin} bytes for shape {list(info.shape)} "
+                                 f"{info.dtype}")
+    fh.seek(data_start + begin)
+    cast = dtype is not None and info.dtype.is_floating_point and dtype != info.dtype
+    out = torch.empty(info.shape, dtype=dtype if cast else info.dtype)
+    flat = out.reshape(-1)
+    if not cast:
+        _read_into(fh, flat, where)
         return out
+    step = max(1, _READ_CHUNK_BYTES // info.dtype.itemsize)
+    buffer = buffers.get(info.dtype)
+    if buffer is None or buffer.numel() < min(step, numel):
+        buffer = buffers[info.dtype] = torch.empty(step, dtype=info.dtype)
+    for start in range(0, numel, step):
+        chunk = buffer[: min(step, numel - start)]
+        _read_into(fh, chunk, where)
+        flat[start:start + chunk.numel()].copy_(chunk)
+    return out
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -302,16 +415,8 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | os.PathLi
 def count_checkpoint_parameters(path: str | os.PathLike) -> int:
     """Number of parameters stored in a checkpoint (read from the safetensors headers, no tensor loaded)."""
     files = WeightFiles(resolve_checkpoint(path))
-    total = 0
-    for file in sorted(set(files.weight_map.values())):
-        if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(files.folder / file, framework="pt") as fh:
-                total += sum(_numel(fh.get_slice(k).get_shape()) for k in fh.keys())
-        else:
-            total += sum(t.numel() for t in torch_load_state_dict(files.folder / file).values())
-    return total
+    return sum(_numel(info.shape) for file in sorted(set(files.weight_map.values()))
+               for info in files.header(file).values())
 
 
 def _numel(shape: list[int]) -> int:
@@ -398,6 +503,7 @@ class PretrainedMixin:
     model_kind: str = "this model"  # how errors name what was asked for
     checkpoint_prefixes: tuple[str, ...] = ("",)
     ignore_on_load: tuple[str, ...] = (r"rotary_emb\.inv_freq$",)
+    quantizable_modules: tuple[str, ...] = ()  # regexes of module names whose nn.Linear layers int8 replaces
 
     # ---------------------------------------------------------------------------------------------- layout hooks
     def convert_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -416,8 +522,21 @@ class PretrainedMixin:
         """Hook run after the weights are in place (attach tokenizer / processor...)."""
 
     def _quantize(self, quantization: str, device: torch.device) -> None:
-        """Hook: replace layers by quantised ones before the model is moved to `device`."""
-        raise ValueError(f"{type(self).__name__} does not support quantization={quantization!r}")
+        """Hook: quantise the model after its weights are loaded. torchao schemes (`internvl_fm.quantization`)
+        replace the `quantizable_modules` linears still in full precision (a streaming load has already done so
+        layer by layer); models override it for other schemes (the chat model's `bnb-int8`)."""
+        from internvl_fm.quantization import quantize_modules
+
+        quantize_modules(self, self._quantization_targets(quantization), quantization)
+
+    def _quantization_targets(self, quantization: str) -> list[str]:
+        """Names of the full-precision linears a torchao scheme replaces (QuantizationError when unsupported)."""
+        from internvl_fm.quantization import QuantizationError, check_quantization, quantization_targets
+
+        check_quantization(quantization)
+        if not self.quantizable_modules:
+            raise QuantizationError(f"{type(self).__name__} does not support quantization={quantization!r}")
+        return quantization_targets(self, self.quantizable_modules)
 
     def _auto_device_map(self) -> dict[str, Any]:
         """The module -> device map that `device_map="auto"` means for this model."""
@@ -457,9 +576,18 @@ class PretrainedMixin:
 
         `dtype=None` keeps the stored dtype; `device` defaults to CPU; `device_map` ("auto" or module -> device,
         needs accelerate) spreads the model over several devices instead; `quantization` names a scheme the model
-        supports; `load_tokenizer=False` skips the tokenizer files; `check_finite=True` refuses NaN / inf weights
-        (WeightLoadingError naming the tensors).
+        supports ("int8": torchao int8 weights for the transformer blocks, applied layer by layer while loading, see
+        `internvl_fm.quantization`; "none" / None: full precision); `load_tokenizer=False` skips the tokenizer
+        files; `check_finite=True` refuses NaN / inf weights (WeightLoadingError naming the tensors).
+
+        Keys and shapes are checked against the file headers before any tensor is read; tensors then stream in one
+        at a time, cast to `dtype` as they are read, so loading peaks near the size of the final weights.
         """
+        from internvl_fm.quantization import TORCHAO_SCHEMES, check_quantization
+
+        quantization = None if quantization == "none" else quantization
+        if quantization is not None and quantization != "bnb-int8":
+            check_quantization(quantization)  # unknown names fail before anything is read
         folder = resolve_checkpoint(path)
         config = config if config is not None else cls.config_from_checkpoint(folder)
         dtype = resolve_dtype(dtype)
@@ -468,23 +596,91 @@ class PretrainedMixin:
             warn_if_slow_dtype(dtype, device)
         with torch.device("meta"):
             model = cls(config)
-        files = WeightFiles(folder)
-        prefix, keys = cls._select_keys(model, files.keys())
-        state = {k[len(prefix):]: v for k, v in files.load(keys, dtype).items()}
-        if check_finite:
-            check_finite_weights(state, folder)
-        model.load_converted_state_dict(model.convert_checkpoint_state_dict(state))
+        streamed = quantization if quantization in TORCHAO_SCHEMES else None
+        model._load_weights(WeightFiles(folder), dtype, quantization=streamed, check_finite=check_finite,
+                            where=folder)
         if device_map is not None:
             materialize_meta_buffers(model, torch.device("cpu"))
             model._dispatch(device_map)
         else:
             materialize_meta_buffers(model, device)
-            if quantization is not None:
+            if quantization is not None and streamed is None:
                 model._quantize(quantization, device)
             model.to(device)
         model._after_load(folder, load_tokenizer)
         model.name_or_path = str(path)
         return model.eval()
+
+    def _load_weights(self, files: WeightFiles, dtype: torch.dtype | None = None, quantization: str | None = None,
+                      check_finite: bool = False, where: str | os.PathLike = "checkpoint") -> None:
+        """Fill this meta-built model from `files`: check every key and shape from the headers, then stream the
+        tensors in (cast as read, converted and assigned one by one; linears that `quantization` replaces are
+        quantised as soon as their weights are in). A layout conversion that needs the whole state dict at once
+        (per-tensor conversion disagrees with it) loads the whole dict instead."""
+        from internvl_fm.quantization import quantize_modules
+
+        prefix, keys = self._select_keys(self, files.keys())
+        streamable = self._check_checkpoint(files, prefix, keys, dtype)
+        pending = set(self._quantization_targets(quantization)) if quantization else set()
+        tied = self._tied_weights()
+        pending -= {key.rpartition(".")[0] for pair in tied.items() for key in pair}  # shared weights stay as is
+        ignored = [re.compile(p) for p in self.ignore_on_load]
+        bad: list[str] = []
+        if streamable:
+            for key, tensor in files.stream(keys, dtype):
+                if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad.append(key)
+                for name, value in self.convert_checkpoint_state_dict({key[len(prefix):]: tensor}).items():
+                    if any(p.search(name) for p in ignored):
+                        continue
+                    owner = _assign(self, name, value)
+                    if owner in pending and not any(p.is_meta for p in self.get_submodule(owner).parameters()):
+                        release_freed_memory()  # quantisation temporaries go where the last ones were freed
+                        quantize_modules(self, [owner], quantization)
+                        pending.discard(owner)
+                del tensor
+            if bad:
+                raise WeightLoadingError(f"{where} holds non-finite weights (NaN or inf) in {len(bad)} tensors: "
+                                         f"{_short(bad)}")
+            for target, source in tied.items():
+                _set_param(self, target, _get_param(self, source))
+        else:
+            state = {k[len(prefix):]: v for k, v in files.load(keys, dtype).items()}
+            if check_finite:
+                check_finite_weights(state, where)
+            self.load_converted_state_dict(self.convert_checkpoint_state_dict(state))
+            del state
+        if pending:
+            quantize_modules(self, sorted(pending), quantization)
+        release_freed_memory()
+
+    def _check_checkpoint(self, files: WeightFiles, prefix: str, keys: list[str], dtype: torch.dtype | None) -> bool:
+        """Raise WeightLoadingError naming every missing, unexpected or mis-shaped key, from the file headers alone
+        (meta tensors run through the layout conversion). True when the conversion works tensor by tensor."""
+        def meta(key: str) -> torch.Tensor:
+            info = files.info(key)
+            cast = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+            return torch.empty(info.shape, dtype=cast, device="meta")
+
+        stored = {k[len(prefix):]: meta(k) for k in keys}
+        whole = self._prepare_state(self.convert_checkpoint_state_dict(dict(stored)))
+        check_state_dict(self, whole)
+        per_key: dict[str, torch.Tensor] = {}
+        try:
+            for key, value in stored.items():
+                per_key.update(self.convert_checkpoint_state_dict({key: value}))
+        except Exception:  # noqa: BLE001 - a conversion that needs its neighbours: load the whole dict
+            return False
+        per_key = self._prepare_state(per_key)
+        return per_key.keys() == whole.keys() and all(per_key[k].shape == whole[k].shape for k in whole)
+
+    def _prepare_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tied weights filled in from their source, `ignore_on_load` keys dropped."""
+        for target, source in self._tied_weights().items():
+            if target not in state and source in state:
+                state[target] = state[source]
+        ignored = [re.compile(p) for p in self.ignore_on_load]
+        return {k: v for k, v in state.items() if not any(p.search(k) for p in ignored)}
 
     def _dispatch(self, device_map: str | dict[str, Any]) -> None:
         try:
@@ -499,11 +695,7 @@ class PretrainedMixin:
 
     def load_converted_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Check keys/shapes and assign the tensors (no copy), tying shared weights."""
-        for target, source in self._tied_weights().items():
-            if target not in state and source in state:
-                state[target] = state[source]
-        ignored = [re.compile(p) for p in self.ignore_on_load]
-        state = {k: v for k, v in state.items() if not any(p.search(k) for p in ignored)}
+        state = self._prepare_state(state)
         check_state_dict(self, state)
         self.load_state_dict(state, strict=True, assign=True)
         for target, source in self._tied_weights().items():
@@ -512,6 +704,12 @@ class PretrainedMixin:
     # ---------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
         """Write config.json + safetensors weights in the official layout (and the tokenizer, if attached)."""
+        from internvl_fm.quantization import QuantizationError, is_quantized
+
+        if is_quantized(self):
+            raise QuantizationError(f"{type(self).__name__} holds int8-quantised layers, which are not saved: save the "
+                                    "full-precision model and load it with quantization='int8' (quantisation "
+                                    "happens while loading, layer by layer)")
         folder = Path(folder)
         self.config.extra["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
         with atomic_directory(folder) as tmp:  # kill -9 at any moment leaves the old checkpoint or the new one
@@ -549,6 +747,44 @@ def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def _assign(module: nn.Module, key: str, value: torch.Tensor) -> str:
+    """Put `value` in place of the parameter / buffer `key` (no copy, as `load_state_dict(assign=True)`); returns
+    the name of the module that holds it."""
+    owner_name, _, name = key.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if name in owner._parameters:
+        old = owner._parameters[name]
+        owner._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        raise WeightLoadingError(f"{type(module).__name__} has no parameter or buffer {key!r}")
+    return owner_name
+
+
+def release_freed_memory() -> bool:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`): freed CPU tensors otherwise stay in the RSS
+    (glibc keeps them for reuse). False where unavailable (not glibc)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def _get_param(module: nn.Module, key: str) -> nn.Parameter:

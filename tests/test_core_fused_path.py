@@ -31,7 +31,7 @@ def _case(golden, name, dtype=torch.float32):
 
 
 def _fused_ran(model: InternVisionModel) -> bool:
-    """The prepacked weights exist only once the fused path has run."""
+    """The weights are packed in place once the fused path has run (eval mode)."""
     return all(layer._packed is not None for layer in model.encoder.layers)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from internvl_fm.loading import PretrainedMixin
+from internvl_fm.loading import PretrainedMixin, release_freed_memory
 from internvl_fm.models.configuration_intern_vit import ATTN_IMPLEMENTATIONS, InternVisionConfig
 
 logger = logging.getLogger(__name__)
@@ -40,15 +40,16 @@ def _probe_onednn_ops(dtype: torch.dtype) -> None:
     linear, reorder = ops._linear_pointwise, ops._reorder_linear_weight
     # deterministic inputs (the global RNG is left alone); [1, 4, 16] @ [32, 16]^T as the layers call it
     x = torch.linspace(-1, 1, 64).reshape(1, 4, 16).to(dtype)
-    other = torch.linspace(1, -1, 128).reshape(1, 4, 32).to(dtype)
     weight = torch.linspace(-0.5, 0.5, 512).reshape(32, 16).flip(1).contiguous().to(dtype)
     bias = torch.linspace(-0.1, 0.1, 32).to(dtype)
     packed = reorder(weight, 4)
+    if not torch.equal(packed.to_dense(), weight):
+        raise RuntimeError("unpacking a packed weight does not give the weight back")
     ref = F.linear(x.float(), weight.float(), bias.float())
     got = (linear(x, packed, bias, "none", [], ""), linear(x, packed, bias, "gelu", [], "none"),
-           linear.binary(x, other, packed, bias, "add"))
+           linear(x, weight, bias, "none", [], ""))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for name, out, expected in zip(("linear", "linear+gelu", "linear+add"), got, (ref, F.gelu(ref), ref + other)):
+    for name, out, expected in zip(("linear", "linear+gelu", "linear (unpacked)"), got, (ref, F.gelu(ref), ref)):
         if out.shape != expected.shape or not torch.allclose(out.float(), expected, atol=tol, rtol=tol):
             raise RuntimeError(f"{name} disagrees with plain torch")
 
@@ -215,12 +216,14 @@ class InternVisionEncoderLayer(nn.Module):
         self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(dim))
         self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(dim))
         self.drop_path_rate = drop_path_rate
-
-        self._packed: tuple[tuple, tuple[torch.Tensor | None, ...]] | None = None
+        self._packed: tuple[tuple[nn.Linear, torch.Tensor], ...] | None = None  # in-place packed weights (`_pack`)
+        self.register_state_dict_post_hook(self._dense_state_dict)
+        self.register_load_state_dict_pre_hook(self._unpack_before_load)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and self._fusable and _onednn_fusable(hidden_states):
             return self._forward_fused(hidden_states)
+        self._unpack()  # autograd / another device or dtype after a fused eval forward: dense weights again
         x = hidden_states
         x = x + drop_path(self.attn(self.norm1(x).to(x.dtype)) * self.ls1, self.drop_path_rate, self.training)
         x = x + drop_path(self.mlp(self.norm2(x).to(x.dtype)) * self.ls2, self.drop_path_rate, self.training)
@@ -229,38 +232,79 @@ class InternVisionEncoderLayer(nn.Module):
     @property
     def _fusable(self) -> bool:
         """The fused path reads weights directly: only for plain nn.Linear layers (not LoRA / quantised wrappers)."""
-        return all(type(m) is nn.Linear for m in (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2))
+        return all(type(m) is nn.Linear for m in self._linears())
 
-    def _inference_weights(self, rows: int) -> tuple[torch.Tensor | None, ...]:
-        """Weights for the fused path, prepacked in oneDNN's blocked layout, with the layer scale folded into
-        proj / fc2 (x + ls * (W h + b) == x + (ls W) h + ls b). Cached until a parameter changes."""
-        params = (self.attn.qkv.weight, self.attn.qkv.bias, self.attn.proj.weight, self.attn.proj.bias, self.ls1,
-                  self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight, self.mlp.fc2.bias, self.ls2)
-        key = tuple((id(p), p._version, p.dtype, p.device) if p is not None else None for p in params)
-        if self._packed is None or self._packed[0] != key:
-            qkv_w, qkv_b, proj_w, proj_b, ls1, fc1_w, fc1_b, fc2_w, fc2_b, ls2 = params
+    def _linears(self) -> tuple[nn.Linear, ...]:
+        return self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2
 
-            def pack(weight: torch.Tensor) -> torch.Tensor:
-                return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+    def _pack(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """Repack the four Linear weights in oneDNN's blocked layout *in place*: the packed tensor replaces the
+        parameter's storage (the parameter object stays, empty, until `_unpack`), so the weights are held once.
+        Done on the first fused forward of a model in eval mode; one layer's weight is copied at a time. The
+        Linear modules are remembered with their packed weights, so unpacking works even after a module was
+        wrapped (LoRA, a quantised wrapper) in the meantime."""
+        if self._packed is None:
+            packed = []
+            for linear in self._linears():
+                packed.append((linear, torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(),
+                                                                               rows)))
+                linear.weight.data = linear.weight.new_empty(0)
+            self._packed = tuple(packed)
+        return tuple(weight for _, weight in self._packed)
 
-            packed = (pack(qkv_w), qkv_b, pack(proj_w * ls1[:, None]), proj_b * ls1, pack(fc1_w), fc1_b,
-                      pack(fc2_w * ls2[:, None]), fc2_b * ls2)
-            self._packed = (key, packed)
-        return self._packed[1]
+    def _unpack(self) -> None:
+        """Put the dense (official-layout, bit-identical) weights back into the Linear parameters."""
+        if self._packed is not None:
+            for linear, packed in self._packed:
+                linear.weight.data = packed.to_dense()
+            self._packed = None
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """CPU inference through oneDNN: prepacked weights; bias + GELU and the layer-scaled residual add fused
-        into the GEMMs."""
+        """CPU inference through oneDNN: bias + GELU fused into fc1, the layer scale and residual applied in place on
+        the GEMM outputs (the plain path's operation order). In eval mode the weights are packed in place once
+        (`_pack`); in train mode (no autograd) the dense weights are read as they are."""
         linear = torch.ops.mkldnn._linear_pointwise
-        qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b = self._inference_weights(x.shape[0] * x.shape[1])
-        attn = self.attn.attend(self.norm1(x).to(x.dtype), qkv=lambda h: linear(h, qkv_w, qkv_b, "none", [], ""))
-        x = linear.binary(attn, x, proj_w, proj_b, "add")
-        hidden = linear(self.norm2(x).to(x.dtype), fc1_w, fc1_b, "gelu", [], "none")
-        return linear.binary(hidden, x, fc2_w, fc2_b, "add")
+        if self.training and self._packed is None:
+            qkv_w, proj_w, fc1_w, fc2_w = (m.weight if m.weight.is_contiguous() else m.weight.contiguous()
+                                           for m in self._linears())
+        else:
+            qkv_w, proj_w, fc1_w, fc2_w = self._pack(x.shape[0] * x.shape[1])
+        attn = self.attn.attend(self.norm1(x).to(x.dtype),
+                                qkv=lambda h: linear(h, qkv_w, self.attn.qkv.bias, "none", [], ""))
+        x = linear(attn, proj_w, self.attn.proj.bias, "none", [], "").mul_(self.ls1).add_(x)
+        hidden = linear(self.norm2(x).to(x.dtype), fc1_w, self.mlp.fc1.bias, "gelu", [], "none")
+        return linear(hidden, fc2_w, self.mlp.fc2.bias, "none", [], "").mul_(self.ls2).add_(x)
 
     def release_inference_cache(self) -> None:
-        """Drop the prepacked inference weights (they roughly double the layer's weight memory while cached)."""
-        self._packed = None
+        """Restore the dense weights (undo the in-place packing of the fused CPU path)."""
+        self._unpack()
+
+    # the packed layout is an inference detail: everything else sees the dense official weights
+    def train(self, mode: bool = True) -> InternVisionEncoderLayer:
+        if mode:
+            self._unpack()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # .to() / .float() / .cuda() / .half() move the dense weights
+        self._unpack()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle / torch.save(model): oneDNN tensors cannot be serialised
+        self._unpack()
+        return super().__getstate__()
+
+    @staticmethod
+    def _dense_state_dict(module: InternVisionEncoderLayer, state_dict: dict, prefix: str, _metadata) -> None:
+        if module._packed is not None:
+            names = {id(sub): name for name, sub in module.named_modules()}
+            for linear, packed in module._packed:
+                key = f"{prefix}{names.get(id(linear), '?')}.weight"
+                if key in state_dict:
+                    state_dict[key] = packed.to_dense()
+
+    @staticmethod
+    def _unpack_before_load(module: InternVisionEncoderLayer, *_args) -> None:
+        module._unpack()
 
 
 class InternVisionEncoder(nn.Module):
@@ -291,6 +335,7 @@ class InternVisionModel(PretrainedMixin, nn.Module):
     accepted_architectures = ("InternVisionModel", "InternVLModel", "InternVLChatModel")
     model_kind = "an InternViT vision encoder"
     checkpoint_prefixes = ("", "vision_model.")
+    quantizable_modules = (r"^encoder\.layers\.\d+\.",)  # quantization="int8": the blocks' linears
 
     def __init__(self, config: InternVisionConfig):
         super().__init__()
@@ -377,13 +422,17 @@ class InternVisionModel(PretrainedMixin, nn.Module):
         for layer in self.encoder.layers:
             layer.attn.attn_implementation = name
 
-    def release_inference_cache(self) -> None:
-        """Free the prepacked CPU inference weights (rebuilt on the next no-grad CPU forward)."""
+    def release_inference_cache(self) -> bool:
+        """Restore the dense weights packed in place by the fused CPU path (it holds no second copy, so this frees
+        nothing by itself) and return memory freed by past forwards to the OS (`malloc_trim` where glibc has it;
+        returns whether it did)."""
         for layer in self.encoder.layers:
             layer.release_inference_cache()
+        return release_freed_memory()
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        packed = sum(t.numel() for layer in self.encoder.layers if layer._packed is not None for _, t in layer._packed)
+        return sum(p.numel() for p in self.parameters()) + packed
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialisation for training from scratch (checkpoints overwrite it)."""

@@ -177,6 +177,9 @@ class InternVLModel(TextTowerMixin, PretrainedMixin, nn.Module):
     accepted_architectures = ("InternVLModel",)
     model_kind = "an InternVL-C/G model"
     ignore_on_load = (r"rotary_emb\.inv_freq$",)
+    # quantization="int8": the linears of the ViT blocks and of the QLLaMA layers (projectors, heads and embeddings
+    # keep the model dtype)
+    quantizable_modules = (r"^vision_model\.encoder\.layers\.\d+\.", r"^qllama\.model\.layers\.\d+\.")
 
     def __init__(self, config: InternVLConfig):
         super().__init__()
@@ -315,6 +318,7 @@ class InternVLTextModel(TextTowerMixin, PretrainedMixin, nn.Module):
     config_class = InternVLConfig
     accepted_architectures = ("InternVLModel",)
     model_kind = "an InternVL-C/G text encoder"
+    quantizable_modules = (r"^qllama\.model\.layers\.\d+\.",)  # quantization="int8": the QLLaMA layers
 
     def __init__(self, config: InternVLConfig):
         super().__init__()

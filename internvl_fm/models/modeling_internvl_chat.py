@@ -89,6 +89,9 @@ class InternVLChatModel(PretrainedMixin, nn.Module):
     config_class = InternVLChatConfig
     accepted_architectures = ("InternVLChatModel",)
     model_kind = "an InternVL-Chat model"
+    # quantization="int8" (torchao): the linears of the ViT blocks and of the LLM decoder layers; "bnb-int8"
+    # (load_in_8bit, CUDA): the LLM decoder's linears through bitsandbytes
+    quantizable_modules = (r"^vision_model\.encoder\.layers\.\d+\.", r"^language_model\.model\.layers\.\d+\.")
 
     def __init__(self, config: InternVLChatConfig, vision_model: nn.Module | None = None,
                  language_model: nn.Module | None = None):
@@ -450,20 +453,27 @@ class InternVLChatModel(PretrainedMixin, nn.Module):
         config: InternVLChatConfig | None = None,
         load_tokenizer: bool = True,
         check_finite: bool = False,
+        quantization: str | None = None,
     ) -> "InternVLChatModel":
         """Load an official InternVL-Chat checkpoint folder or hub id (no remote code).
 
         The model is built on the meta device and the checkpoint tensors are assigned in place. ``dtype`` (e.g.
         ``"bfloat16"``) casts floating weights, ``None`` keeps the stored dtype. ``device_map="auto"`` splits the model
         over all visible GPUs as the model cards do (:func:`split_device_map`; needs ``accelerate``), a dict maps
-        module names to devices. ``load_in_8bit`` quantises the LLM's linear layers with bitsandbytes (CUDA only).
+        module names to devices. ``load_in_8bit`` quantises the LLM's linear layers with bitsandbytes (CUDA only);
+        ``quantization="int8"`` quantises the ViT blocks and the LLM decoder layers with torchao (CPU or GPU), layer
+        by layer while loading (see :mod:`internvl_fm.quantization`).
         """
         if load_in_8bit:
+            if quantization not in (None, "none", "bnb-int8"):
+                raise ValueError(f"load_in_8bit (bitsandbytes) and quantization={quantization!r} both quantise: "
+                                 "pick one")
             _check_8bit_support(device)
+            quantization = "bnb-int8"
         config = config if config is not None else cls.config_from_checkpoint(path)
         config.llm_config._attn_implementation = attn_implementation
         return super().from_pretrained(path, dtype=dtype, device=device, config=config, device_map=device_map,
-                                       quantization="bnb-int8" if load_in_8bit else None,
+                                       quantization=quantization,
                                        load_tokenizer=load_tokenizer, check_finite=check_finite)
 
     def _after_load(self, folder: Path, load_tokenizer: bool) -> None:
@@ -477,9 +487,9 @@ class InternVLChatModel(PretrainedMixin, nn.Module):
 
     def _quantize(self, quantization: str, device: torch.device) -> None:
         """``bnb-int8``: swap the LLM decoder's ``nn.Linear`` layers for bitsandbytes int8 layers (quantised on
-        ``.to(cuda)``)."""
+        ``.to(cuda)``); torchao schemes as every model (``PretrainedMixin._quantize``)."""
         if quantization != "bnb-int8":
-            super()._quantize(quantization, device)
+            return super()._quantize(quantization, device)
         _check_8bit_support(device)
         import bitsandbytes as bnb
 
