@@ -9,6 +9,7 @@ from typing import Any
 
 from internvl_fm.chat_templates import IMAGE_PLACEHOLDER, with_image_placeholders
 from internvl_fm.cli_utils import CLIError, add_model_options, dtype_or_none, new_parser, resolve_device
+from internvl_fm.quantization import add_quantization_option
 
 __all__ = ["chat_main", "serve_main"]
 
@@ -26,6 +27,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-map", default=None, choices=["auto"],
                         help="split over all GPUs like the model cards (needs accelerate)")
     parser.add_argument("--load-in-8bit", action="store_true", help="int8 LLM weights (bitsandbytes, CUDA)")
+    add_quantization_option(parser)
     parser.add_argument("--max-num", type=int, default=None,
                         help="max tiles per image (None: the config's max_dynamic_patch)")
 
@@ -40,6 +42,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     if not args.model:
         parser.error("MODEL is required (a checkpoint folder or hub id)")
     args.device = resolve_device(args.device)
+    if args.load_in_8bit and args.quantization != "none":
+        raise CLIError("--load-in-8bit (bitsandbytes) and --quantization (torchao) both quantise: pick one")
     if args.load_in_8bit and args.device_map:
         raise CLIError("--load-in-8bit loads the model on one GPU: drop --device-map")
     if args.load_in_8bit and not args.device.startswith("cuda"):
@@ -55,7 +59,8 @@ def _load(args: argparse.Namespace):
 
     model = InternVLChatModel.from_pretrained(args.model, dtype=dtype_or_none(args.dtype),
                                               device=None if args.device_map else args.device,
-                                              device_map=args.device_map, load_in_8bit=args.load_in_8bit)
+                                              device_map=args.device_map, load_in_8bit=args.load_in_8bit,
+                                              quantization=args.quantization)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
     if tokenizer is None:
         raise CLIError(f"no tokenizer found in {args.model}; pass --tokenizer FOLDER")
@@ -198,6 +203,17 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image at most")
     parser.add_argument("--max-request-bytes", type=int, default=20 * 1024 * 1024, help="request body size at most")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="cap on a request's max_tokens")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="prompt tokens per request at most, images included (None: the LLM's context length)")
+    parser.add_argument("--request-timeout", type=float, default=300.0,
+                        help="seconds a request may take from arrival, queue included; then its answer is cut")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting at most (more: 429)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="queued requests answered together by one generate call (1: one after another)")
+    parser.add_argument("--stall-timeout", type=float, default=60.0,
+                        help="/health answers 503 when the generator made no progress for this many seconds")
+    parser.add_argument("--shutdown-grace", type=float, default=10.0,
+                        help="on SIGTERM, seconds the requests in flight get to finish")
     args = _parse(parser, argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
@@ -208,7 +224,10 @@ def serve_main(argv: list[str]) -> int:
             model_name=args.model_name or Path(str(args.model).rstrip("/")).name,
             allowed_root=Path(args.allowed_root).resolve() if args.allowed_root else None,
             allow_http=args.allow_http, max_images=args.max_images, max_image_pixels=args.max_image_pixels,
-            max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens, max_tiles=args.max_num)
+            max_request_bytes=args.max_request_bytes, max_new_tokens=args.max_new_tokens, max_tiles=args.max_num,
+            max_prompt_tokens=args.max_prompt_tokens, request_timeout_s=args.request_timeout,
+            max_queue=args.max_queue, max_batch_size=args.batch_size, stall_timeout_s=args.stall_timeout,
+            shutdown_grace_s=args.shutdown_grace)
     except ValueError as exc:
         parser.error(str(exc))
 
