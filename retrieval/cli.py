@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from internvl_fm.cli_utils import CLIError, HelpFormatter, add_model_options, dtype_or_none, new_parser, resolve_device
+from internvl_fm.quantization import add_quantization_option
 from internvl_fm.models.configuration_internvl import MODES
 
 from .embed import STORAGE_DTYPES, EmbedConfig, EmbedReport
@@ -110,6 +111,7 @@ def index_main(argv: list[str]) -> int:
                                       "(file, folder or glob), a datasets folder or hf://name[:split]")
     build.add_argument("output", help="index folder to create (new or empty), or to resume")
     add_model_options(build, model="InternVL-C/G checkpoint folder or hub id")
+    add_quantization_option(build)
     build.add_argument("--mode", default="InternVL-C", metavar="{" + ",".join(MODES) + "}",
                        help="which embedding head to use")
     idx = build.add_argument_group("index (saved in index.json; `index add` reuses them)")
@@ -165,7 +167,8 @@ def _run_index_command(args: argparse.Namespace) -> None:
                                       dtype=dtype)
         else:
             index = ImageIndex.build(args.source, args.output, args.model, mode=args.mode, embed=config,
-                                     options=options, dtype=dtype, device=resolve_device(args.device))
+                                     options=options, dtype=dtype, device=resolve_device(args.device),
+                                     quantization=None if args.quantization == "none" else args.quantization)
         _print_report(index.last_report)
         print(_describe(index))
     elif args.command == "add":
@@ -198,10 +201,12 @@ def search_main(argv: list[str]) -> int:
     parser.add_argument("--captions", action="store_true", help="search the caption index (image -> text)")
     parser.add_argument("--html", default=None, help="also write a gallery page of the hits to this file")
     add_model_options(parser)
+    add_quantization_option(parser, default=None)
     args = parser.parse_intermixed_args(argv)
     if (args.query is None) == (args.image is None):
         parser.error("give a text query or --image PATH (one of them)")
-    index = SearchIndex.load(args.index, device=resolve_device(args.device), dtype=dtype_or_none(args.dtype))
+    index = SearchIndex.load(args.index, device=resolve_device(args.device), dtype=dtype_or_none(args.dtype),
+                             quantization=args.quantization)
     kind = "text" if args.captions else "image"
     vector = index.embed_text(args.query)[0] if args.query is not None else index.embed_image(args.image)[0]
     hits = index.search_embedding(vector, args.top_k, kind=kind)
@@ -272,6 +277,7 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--api-key", default=None, help="require this key (header X-API-Key or ?api_key=); "
                                                         "None: $INTERNVL_FM_API_KEY when set, else no key")
     add_model_options(parser)
+    add_quantization_option(parser, default=None)
     args = parser.parse_args(argv)
     try:
         config = ServerConfig(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
@@ -279,7 +285,8 @@ def serve_main(argv: list[str]) -> int:
                               api_key=args.api_key or os.environ.get("INTERNVL_FM_API_KEY"))
     except OptionError as exc:
         raise _option_error(exc, args) from None
-    index = SearchIndex.load(args.index, device=resolve_device(args.device), dtype=dtype_or_none(args.dtype))
+    index = SearchIndex.load(args.index, device=resolve_device(args.device), dtype=dtype_or_none(args.dtype),
+                             quantization=args.quantization)
     index.model  # load the model before accepting requests  # noqa: B018
     print(f"serving {args.index} ({len(index)} images) on http://{args.host}:{args.port}", file=sys.stderr)
     serve(index, args.host, args.port, config)

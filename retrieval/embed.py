@@ -77,6 +77,7 @@ class ModelSpec:
     mode: str = "InternVL-C"
     image_size: int | None = None
     dtype: str | None = None  # None: the checkpoint's own dtype (recorded once loaded)
+    quantization: str | None = None  # e.g. "int8": re-applied whenever the index loads its model
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -84,7 +85,7 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
-        return cls(**{k: data[k] for k in ("path", "mode", "image_size", "dtype") if k in data})
+        return cls(**{k: data[k] for k in ("path", "mode", "image_size", "dtype", "quantization") if k in data})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +96,8 @@ class ModelSpec:
         from internvl_fm.cli_utils import resolve_device
         from internvl_fm.models.modeling_internvl import InternVLModel
 
-        model = InternVLModel.from_pretrained(self.path, dtype=dtype or self.dtype, device=resolve_device(device))
+        model = InternVLModel.from_pretrained(self.path, dtype=dtype or self.dtype, device=resolve_device(device),
+                                              quantization=self.quantization)
         if self.image_size is None:
             self.image_size = int(model.image_size)
         if self.dtype is None:

@@ -353,20 +353,21 @@ class ImageIndex(SearchIndex):
     """
 
     def __init__(self, root: str | os.PathLike, model: Embedder | None = None, mmap: bool = True,
-                 device: str | None = None, dtype: str | None = None):
-        super().__init__(root, model=model, mmap=mmap, device=device, dtype=dtype)
+                 device: str | None = None, dtype: str | None = None, quantization: str | None = None):
+        super().__init__(root, model=model, mmap=mmap, device=device, dtype=dtype, quantization=quantization)
         self.last_report: EmbedReport | None = None  # of the last build / add in this process
 
     @classmethod
     def build(cls, source: Any, out: str | os.PathLike, model: Embedder | str | os.PathLike, *,
               mode: str = "InternVL-C", embed: EmbedConfig | None = None, options: IndexOptions | None = None,
               model_path: str | None = None, dtype: str | None = None, device: str | None = None,
-              runner: Runner | None = None) -> ImageIndex:
+              runner: Runner | None = None, quantization: str | None = None) -> ImageIndex:
         """Embed `source` into `out` (resuming a previous run) and build the image / caption indexes.
 
         `model` is an InternVL-C/G checkpoint path / hub id, or an already loaded model (then `model_path`, or
-        its `name_or_path`, is what the index remembers for later loading). `dtype` (None: the checkpoint's) and
-        `device` apply when the model is loaded here. `runner(source, out, config, spec)` replaces the local
+        its `name_or_path`, is what the index remembers for later loading). `dtype` (None: the checkpoint's),
+        `device` and `quantization` ("int8": torchao weight-only, remembered by the index) apply when the model is
+        loaded here. `runner(source, out, config, spec)` replaces the local
         embedding job (`distributed.build_distributed` passes the Ray job); the model is then not loaded here.
         The source and output folder are checked before the model is loaded; the options, the embedding
         settings and the model spec are saved in `index.json`, so `add` and search reuse them.
@@ -376,7 +377,8 @@ class ImageIndex(SearchIndex):
         src = _open_nonempty(source)
         options = options or IndexOptions()
         embed = embed or EmbedConfig()
-        spec, model = _resolve_model(model, mode, model_path, dtype, device, load=runner is None)
+        spec, model = _resolve_model(model, mode, model_path, dtype, device, load=runner is None,
+                                     quantization=quantization)
         out.mkdir(parents=True, exist_ok=True)
         store = EmbeddingStore(out)
         config_file = out / INDEX_FILE
@@ -503,9 +505,10 @@ def _open_nonempty(source: Any) -> Source:
 
 
 def _resolve_model(model: Any, mode: str, model_path: str | None, dtype: str | None = None,
-                   device: str | None = None, load: bool = True) -> tuple[ModelSpec, Embedder | None]:
+                   device: str | None = None, load: bool = True,
+                   quantization: str | None = None) -> tuple[ModelSpec, Embedder | None]:
     if isinstance(model, (str, os.PathLike)):
-        spec = ModelSpec(model_reference(model), mode, dtype=dtype)
+        spec = ModelSpec(model_reference(model), mode, dtype=dtype, quantization=quantization)
         if not load:
             from internvl_fm.models.configuration_internvl import InternVLConfig
 

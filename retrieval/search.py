@@ -151,7 +151,7 @@ class SearchIndex:
     `image_to_text` (captions for an image). Open with `SearchIndex.load(folder)`."""
 
     def __init__(self, root: str | os.PathLike, model: Embedder | None = None, mmap: bool = True,
-                 device: str | None = None, dtype: str | None = None):
+                 device: str | None = None, dtype: str | None = None, quantization: str | None = None):
         self.root = Path(root)
         config_file = self.root / INDEX_FILE
         if not config_file.is_file():
@@ -159,6 +159,8 @@ class SearchIndex:
                                      "build one with `internvl-fm index build SRC OUT --model M`")
         self.config = json.loads(config_file.read_text())
         self.spec = ModelSpec.from_dict(self.config["model"])
+        if quantization is not None:  # override how this reader loads the model (the index keeps its own setting)
+            self.spec.quantization = None if quantization == "none" else quantization
         self.store = EmbeddingStore(self.root)
         self._model = model
         self._device, self._dtype = device, dtype  # how to load the model (dtype None: the spec's)
@@ -171,10 +173,10 @@ class SearchIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Embedder | None = None, mmap: bool = True,
-             device: str | None = None, dtype: str | None = None):
+             device: str | None = None, dtype: str | None = None, quantization: str | None = None):
         """Open a built index (memory-mapped by default); the model is loaded from the saved spec on first use
-        (on `device`, in `dtype` when given, else in the dtype the index was built with)."""
-        return cls(path, model=model, mmap=mmap, device=device, dtype=dtype)
+        (on `device`, in `dtype` when given, else in the dtype the index was built with; `quantization` likewise)."""
+        return cls(path, model=model, mmap=mmap, device=device, dtype=dtype, quantization=quantization)
 
     def _read_indexes(self, mmap: bool) -> dict[str, _FaissIndex]:
         """The FAISS indexes the manifest names (or, in a folder of the older layout, `KIND.index` + `.json`)."""
