@@ -51,3 +51,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def spy_on_writes(monkeypatch, obj) -> list[str]:
+    """Record the name of every attribute assigned on `obj` (through its class's __setattr__) from now on."""
+    writes: list[str] = []
+    original = type(obj).__setattr__
+
+    def record(self, name, value):
+        if self is obj:
+            writes.append(name)
+        original(self, name, value)
+
+    monkeypatch.setattr(type(obj), "__setattr__", record)
+    return writes
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_tokenizer():
+    """The tiny chat tokenizer of internvl_fm.chat.testing (InternVL special tokens included)."""
+    from internvl_fm.chat.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny_chat_tokenizer):
+    """A tiny random InternVL-Chat model matching `tiny_chat_tokenizer` (seed 0)."""
+    from internvl_fm.chat.testing import tiny_chat_config, tiny_chat_model
+
+    return tiny_chat_model(tiny_chat_config(len(tiny_chat_tokenizer)), seed=0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import spy_on_writes
 from internvl_fm.chat.server import ServerSettings, create_app
 from internvl_fm.chat.testing import tiny_chat_config, tiny_chat_model, tiny_tokenizer
 
@@ -181,15 +182,7 @@ def test_system_message_goes_through_the_call_not_the_model(server, root, monkey
     assert model.system_message not in inputs.query
 
     default = model.system_message
-    writes = []
-    original = type(model).__setattr__
-
-    def record(self, name, value):
-        if self is model:
-            writes.append(name)
-        original(self, name, value)
-
-    monkeypatch.setattr(type(model), "__setattr__", record)
+    writes = spy_on_writes(monkeypatch, model)
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     assert writes == [] and model.system_message == default

@@ -7,20 +7,20 @@ from conftest import REALCONFIGS
 import torch
 
 from internvl_fm.chat import InternVLChatModel
-from internvl_fm.chat.testing import tiny_chat_config, tiny_chat_model, tiny_tokenizer
+from internvl_fm.chat.testing import tiny_chat_config, tiny_chat_model
 
 GEN = dict(max_new_tokens=8, do_sample=False)
 QUESTIONS = ["what is in the picture ?", "describe this image", "how many legs does the cat have ?"]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+def tokenizer(tiny_chat_tokenizer):
+    return tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_chat_model(tiny_chat_config(len(tokenizer)), seed=0)
+def model(tiny_chat):
+    return tiny_chat
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import spy_on_writes
 from internvl_fm.chat import InternVLChatModel, load_image
 from internvl_fm.chat.testing import (TINY_IMG_CONTEXT_ID, save_tiny_chat_checkpoint, tiny_chat_config,
-                                      tiny_chat_model, tiny_tokenizer)
+                                      tiny_chat_model)
 from internvl_fm.chat_templates import build_chat_query
 from internvl_fm.errors import ImageLoadError, ModelKindError, TokenizerContractError
 from internvl_fm.errors import ImageTooLargeError
@@ -29,13 +30,13 @@ def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+def tokenizer(tiny_chat_tokenizer):
+    return tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_chat_model(tiny_chat_config(len(tokenizer)), seed=0)
+def model(tiny_chat):
+    return tiny_chat
 
 
 @pytest.fixture(scope="module")
@@ -166,20 +167,6 @@ def test_text_only_and_missing_tokens(processor, tokenizer):
         InternVLChatProcessor(template="Hermes-2")("a")
 
 
-def _spy_on_writes(monkeypatch, model):
-    """Record every attribute assignment on the model (nn.Module.__setattr__) from now on."""
-    writes: list[str] = []
-    original = type(model).__setattr__
-
-    def record(self, name, value):
-        if self is model:
-            writes.append(name)
-        original(self, name, value)
-
-    monkeypatch.setattr(type(model), "__setattr__", record)
-    return writes
-
-
 def _state(model):
     return {"vars": {k: v for k, v in vars(model).items()}, "config": model.config.to_dict(),
             "system_message": model.system_message, "img_context_token_id": model.img_context_token_id,
@@ -203,7 +190,7 @@ def test_chat_calls_leave_the_model_unchanged(tokenizer, monkeypatch):
     before = _state(model)
     side = tokenizer.padding_side
     assert before["img_context_token_id"] is None and model.tokenizer is None
-    writes = _spy_on_writes(monkeypatch, model)
+    writes = spy_on_writes(monkeypatch, model)
     answer = model.chat(tokenizer, pixels, "what is in the picture ?", dict(GEN), system_message="be brief")
     model.batch_chat(tokenizer, pixels, ["describe this image", "what is in the picture ?"], dict(GEN),
                      num_patches_list=[1, 2])
