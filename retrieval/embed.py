@@ -88,7 +88,10 @@ class ModelSpec:
         return cls(**{k: data[k] for k in ("path", "mode", "image_size", "dtype", "quantization") if k in data})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["quantization"] is None:  # full precision: index.json stays as before quantization existed
+            del out["quantization"]
+        return out
 
     def load(self, device: str | torch.device | None = None, dtype: str | None = None):
         """Load the InternVL-C/G model (`InternVLModel.from_pretrained`) in eval mode; `dtype` overrides the
