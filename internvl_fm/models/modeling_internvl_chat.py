@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from internvl_fm.loading import PretrainedMixin, atomic_write
 from internvl_fm.models.modeling_intern_vit import InternVisionModel
+from internvl_fm.models.modeling_qllama import OUTPUT_CACHE_FIELD
 
 from internvl_fm.models.configuration_internvl_chat import InternVLChatConfig
 from internvl_fm.models.chat_llm import build_language_model, convert_llm_state_dict, export_llm_state_dict
@@ -255,7 +256,7 @@ class InternVLChatModel(PretrainedMixin, nn.Module):
             loss = nn.functional.cross_entropy(shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1),
                                                ignore_index=-100)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                     attentions=outputs.attentions, **{_OUTPUT_CACHE_FIELD: _output_cache(outputs)})
+                                     attentions=outputs.attentions, **{OUTPUT_CACHE_FIELD: _output_cache(outputs)})
         return out if return_dict is not False else out.to_tuple()
 
     @torch.inference_mode()
@@ -513,10 +514,6 @@ class InternVLChatModel(PretrainedMixin, nn.Module):
             Path(tmp).write_text(json.dumps({"_from_model_config": True}, indent=2) + "\n")
 
 
-# transformers >= 5.24 names the KV cache `cache` (in forward arguments and in model outputs), older releases
-# `past_key_values`; the old names still work there with a FutureWarning until 5.40.
-_OUTPUT_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) \
-    else "past_key_values"
 
 
 @functools.lru_cache(maxsize=None)
@@ -527,7 +524,7 @@ def _cache_argument(model_class: type) -> str:
 
 
 def _output_cache(outputs: Any) -> Any:
-    return getattr(outputs, _OUTPUT_CACHE_FIELD, None)
+    return getattr(outputs, OUTPUT_CACHE_FIELD, None)
 
 
 def _check_8bit_support(device: torch.device | str | None) -> None:

@@ -185,6 +185,12 @@ class QLlamaPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
 
 
+# transformers >= 5.24 names the cache field of model outputs `cache` (the old name still works, with a deprecation
+# message on every step); older releases `past_key_values`.
+OUTPUT_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) \
+    else "past_key_values"
+
+
 def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
     """The KV cache passed under either name (`past_key_values`, or `cache` as transformers >= 5.24 passes it)."""
     if past_key_values is not None and cache is not None and past_key_values is not cache:
@@ -246,7 +252,7 @@ class QLlamaModel(QLlamaPreTrainedModel):
                 hidden_states = layer(hidden_states, cos_sin, mask, past_key_values, vision_hidden_states)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states,
-                                       past_key_values=past_key_values if use_cache else None)
+                                       **{OUTPUT_CACHE_FIELD: past_key_values if use_cache else None})
 
 
 class QLlamaForCausalLM(QLlamaPreTrainedModel, GenerationMixin):
@@ -290,4 +296,5 @@ class QLlamaForCausalLM(QLlamaPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      **{OUTPUT_CACHE_FIELD: getattr(outputs, OUTPUT_CACHE_FIELD)})
