@@ -173,10 +173,23 @@ def _write_outputs(args: argparse.Namespace, result: Any, record: dict[str, Any]
     print(json.dumps(_json_safe(summary), ensure_ascii=False, indent=2))  # strict JSON: NaN (acc5 < 5 classes) -> null
 
 
+def _eval_clip_benchmark(argv: list[str]) -> int:
+    """`internvl-fm eval clip-benchmark [CLIP_benchmark eval options]`: upstream CLIP_benchmark's own CLI."""
+    from .clip_benchmark import clip_benchmark_parser, run_clip_benchmark
+
+    run_clip_benchmark(clip_benchmark_parser("internvl-fm eval clip-benchmark").parse_args(argv))
+    return 0
+
+
 def eval_main(argv: list[str]) -> int:
-    """Evaluate on a labelled dataset: `internvl-fm eval zeroshot DATA --model M` (CLIP_benchmark metrics)."""
+    """Evaluate: `eval zeroshot DATA --model M`, or `eval clip-benchmark ...` (upstream CLIP_benchmark's own CLI)."""
+    if argv[:1] == ["clip-benchmark"]:  # its options are CLIP_benchmark's own parser's, not ours
+        return _eval_clip_benchmark(argv[1:])
     parser = new_parser("internvl-fm eval", eval_main.__doc__)
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    tasks.add_parser("clip-benchmark", add_help=False,
+                     help="upstream CLIP_benchmark's `eval` (its datasets, tasks and result JSON) with an internvl-fm "
+                          "model; `internvl-fm eval clip-benchmark --help` lists its options")
     zeroshot = _sub_parser(tasks, "zeroshot", "Zero-shot classification with InternVL-C/G: acc1, acc5, mean "
                                               "per-class recall.")
     _add_data_args(zeroshot, "test")
