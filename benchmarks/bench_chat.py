@@ -142,6 +142,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "int8-dynamic"],
+                        help="quantise OUR model (transformers' stays in --dtype): int8 weight-only decode vs bf16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
                         help="cpu = process CPU time (stable on a shared CPU); auto = cpu on CPU, wall on CUDA")
@@ -159,6 +161,8 @@ def main() -> None:
     ours.img_context_token_id = image_token_id
     hf = build_hf_model(ours, image_token_id)
     ours, hf = ours.to(device=device, dtype=dtype), hf.to(device=device, dtype=dtype)
+    if args.quantization != "none":
+        ours._quantize(args.quantization, device)  # what from_pretrained(..., quantization=) does after loading
 
     g = torch.Generator().manual_seed(0)
     n_img = ours.num_image_token * args.tiles
@@ -192,13 +196,15 @@ def main() -> None:
         results[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
         print(f"{name:12s} TTFT {results[name][0] * 1000:8.1f} ms   decode {results[name][1]:8.1f} tokens/s")
     print(f"prompt {input_ids.shape[1]} tokens ({n_img} image tokens, {args.tiles} tiles of {args.image_size}px), "
-          f"{args.new_tokens} new tokens, {args.dtype} on {device}, median of {args.repeats}, "
+          f"{args.new_tokens} new tokens, {args.dtype} on {device} (ours: quantization {args.quantization}), median of {args.repeats}, "
           f"{clock_name} time; same greedy ids: {same}"
           " (exact in float32; bf16 rounding may differ)")
     ttft_ratio = results["transformers"][0] / results["internvl_fm"][0]
     print(f"TTFT speed-up: {ttft_ratio:.2f}x (transformers TTFT / ours)")
     ratio = results["internvl_fm"][1] / results["transformers"][1]
-    print(f"bench_chat: {ratio:.2f}x decode tokens/s vs transformers InternVLForConditionalGeneration")
+    ours_name = "int8 " if args.quantization != "none" else ""
+    print(f"bench_chat: {ratio:.2f}x {ours_name}decode tokens/s vs transformers InternVLForConditionalGeneration"
+          + (f" {args.dtype}" if ours_name else ""))
 
 
 if __name__ == "__main__":

@@ -186,3 +186,29 @@ def test_quantization_option_reaches_from_pretrained(monkeypatch, capsys, tmp_pa
     assert seen["quantization"] == "int8"
     out = capsys.readouterr().out
     assert "red" in out and "blue" in out
+
+
+def test_decode_rows_use_the_int8_kernel_and_match_torchao(monkeypatch):
+    """A few rows (decoding) go through torch's int8 weight-only kernel; many rows through torchao's path; both give
+    the dequantised product (bias included)."""
+    from internvl_fm import quantization
+    from internvl_fm.quantization import quantize_linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96).to(torch.bfloat16)
+    reference = linear.weight.detach().float().clone(), linear.bias.detach().float().clone()
+    layer = quantize_linear(linear, "int8")
+    dequantized = layer.weight.dequantize().float()
+    assert (dequantized - reference[0]).abs().max() <= reference[0].abs().max() / 127  # per-channel int8 step
+
+    calls = []
+    kernel = quantization._int8pack_linear
+    monkeypatch.setattr(quantization, "_int8pack_linear", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    with torch.no_grad():
+        for shape in [(1, 256), (2, 1, 256), (4, 256), (64, 256)]:
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            expected = x.float() @ dequantized.T + reference[1]
+            out = layer(x)
+            assert out.shape == (*shape[:-1], 96) and out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+    assert calls == [(1, 256), (2, 1, 256), (4, 256)]  # 64 rows: torchao's path
