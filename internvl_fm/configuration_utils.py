@@ -80,21 +80,18 @@ class ConfigBase:
 def is_transformers_hf_layout(data: dict[str, Any]) -> bool:
     """True for a transformers-native `-hf` InternVL folder (InternVLForConditionalGeneration / InternVLVisionModel)."""
     archs = data.get("architectures") or []
-    if any(a in ("InternVLForConditionalGeneration", "InternVLModel") and "text_config" in data for a in archs):
+    if "text_config" in data and (data.get("model_type") == "internvl" or "InternVLModel" in archs):
         return True  # the official InternVL-C/G config is also model_type "internvl", but has qllama_config
     return "InternVLForConditionalGeneration" in archs or data.get("model_type") == "internvl_vision"
 
 
 def check_config_dict(data: dict[str, Any], where: str = "config.json") -> None:
-    """Refuse configs we cannot build: the transformers `-hf` layout, and size fields past `SIZE_LIMITS`."""
+    """Refuse configs we cannot build (size fields past `SIZE_LIMITS`) with ConfigError, before anything is
+    allocated. Transformers `-hf` configs pass: the config classes convert them (`internvl_fm.convert`)."""
     from internvl_fm.errors import ConfigError
 
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: config.json must hold a JSON object")
-    if is_transformers_hf_layout(data):
-        raise ConfigError(f"{where} is a transformers-native '-hf' InternVL folder (InternVLForConditionalGeneration "
-                          "layout), which internvl-fm cannot read yet: use the original OpenGVLab checkpoint (the "
-                          "repository without the -hf suffix)")
     _check_sizes(data, where, "")
 
 
@@ -105,6 +102,8 @@ def _check_sizes(data: dict[str, Any], where: str, path: str) -> None:
         if isinstance(value, dict):
             _check_sizes(value, where, f"{path}{key}.")
         elif key in SIZE_LIMITS and value is not None:
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= SIZE_LIMITS[key]:
+            values = value if isinstance(value, (list, tuple)) and value else [value]  # -hf: [height, width]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SIZE_LIMITS[key]
+                       for v in values):
                 raise ConfigError(f"{where}: {path}{key} = {value!r} is not a plausible model size "
                                   f"(expected an integer in 0..{SIZE_LIMITS[key]})")

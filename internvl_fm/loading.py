@@ -18,14 +18,14 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from internvl_fm.errors import CheckpointNotFoundError, ModelKindError, WeightLoadingError
+from internvl_fm.errors import CheckpointNotFoundError, InternVLError, ModelKindError, WeightLoadingError
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -49,7 +49,33 @@ MODEL_KINDS: dict[str, tuple[str, str]] = {
     "InternVLChatModel": ("an InternVL-Chat MLLM", "InternVLChatModel, `internvl-fm chat` or `serve-chat`"),
     "InternViTSegmentationModel": ("an InternViT segmentation model",
                                    "SegmentationModel, `internvl-fm segment` or `seg-eval`"),
+    "transformers.InternVLModel": ("a transformers InternVLModel (-hf layout, no language-model head)",
+                                   "InternVisionModel (its vision tower)"),
 }
+
+# Checkpoint layouts `save_pretrained(layout=...)` writes and `from_pretrained` reads (told apart by config.json):
+# "original" is the OpenGVLab layout, "hf" transformers' native one (InternVLForConditionalGeneration,
+# InternVLVisionModel: the `-hf` repos; see `internvl_fm.convert`).
+LAYOUTS = ("original", "hf")
+
+
+class LayoutError(InternVLError, ValueError):
+    """A checkpoint layout name a model cannot write or read (the message names the ones it can)."""
+
+
+def checkpoint_layout(config: dict[str, Any]) -> str:
+    """The layout of a checkpoint, from its config.json: "hf" for a transformers-native `-hf` folder."""
+    from internvl_fm.configuration_utils import is_transformers_hf_layout
+
+    return "hf" if is_transformers_hf_layout(config) else "original"
+
+
+def _architectures(config: dict[str, Any]) -> list[str]:
+    """config.json `architectures`, transformers' -hf names translated to ours."""
+    from internvl_fm.convert import HF_ARCHITECTURES
+
+    archs = list(config.get("architectures") or [])
+    return [HF_ARCHITECTURES.get(a, a) for a in archs] if checkpoint_layout(config) == "hf" else archs
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -464,6 +490,15 @@ def check_finite_weights(state: dict[str, torch.Tensor], where: str | os.PathLik
         raise WeightLoadingError(f"{where} holds non-finite weights (NaN or inf) in {len(bad)} tensors: {_short(bad)}")
 
 
+def _select_by_prefix(prefixes: tuple[str, ...], wanted: list[str], stored: list[str]) -> tuple[str, list[str]]:
+    """The first prefix under which some `wanted` key is stored, and the stored keys under it."""
+    stored_set = set(stored)
+    for prefix in prefixes:
+        if any(prefix + k in stored_set for k in wanted):
+            return prefix, [k for k in stored if k.startswith(prefix)]
+    return prefixes[0], stored
+
+
 def _short(items: list[str], limit: int = 12) -> str:
     head = ", ".join(items[:limit])
     return head + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
@@ -491,7 +526,9 @@ class PretrainedMixin:
     build the model on the meta device, read only the tensors it needs, convert them from the checkpoint's layout
     (`convert_checkpoint_state_dict`), assign them without a copy, then place the model (`device`, or
     `device_map` through accelerate) and attach what travels with it (`_after_load`: tokenizer, processor).
-    Saving writes the official layout (`checkpoint_state_dict`, the inverse conversion).
+    Saving writes the official layout (`checkpoint_state_dict`, the inverse conversion), or with `layout="hf"`
+    transformers' native one for the models that list it in `layouts` (`hf_state_dict`, `hf_config_dict`; loading
+    it goes through `convert_hf_state_dict`, a stream, so fused tensors are assembled without a second model copy).
 
     Subclasses set `config_class`, `accepted_architectures`, `model_kind`, and may set `checkpoint_prefixes`
     (prefixes under which their weights may sit in a bigger checkpoint, tried in order) and `ignore_on_load`
@@ -504,6 +541,8 @@ class PretrainedMixin:
     checkpoint_prefixes: tuple[str, ...] = ("",)
     ignore_on_load: tuple[str, ...] = (r"rotary_emb\.inv_freq$",)
     quantizable_modules: tuple[str, ...] = ()  # regexes of module names whose nn.Linear layers int8 replaces
+    layouts: tuple[str, ...] = ("original",)  # checkpoint layouts this model reads and writes (see LAYOUTS)
+    hf_checkpoint_prefixes: tuple[str, ...] = ("",)  # as checkpoint_prefixes, for -hf checkpoints
 
     # ---------------------------------------------------------------------------------------------- layout hooks
     def convert_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -513,6 +552,36 @@ class PretrainedMixin:
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """This module's weights under the checkpoint keys (the inverse of `convert_checkpoint_state_dict`)."""
         return self.state_dict()
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """This module's weights under transformers' `-hf` keys (models listing "hf" in `layouts`)."""
+        raise LayoutError(f"{type(self).__name__} has no transformers -hf layout")
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        """The config.json of this model's `-hf` layout."""
+        raise LayoutError(f"{type(self).__name__} has no transformers -hf layout")
+
+    def convert_hf_state_dict(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(stored `-hf` key, tensor) pairs -> (module key, tensor), lazily (the inverse of `hf_state_dict`)."""
+        raise LayoutError(f"{type(self).__name__} has no transformers -hf layout")
+
+    def _check_layout(self, layout: str) -> str:
+        if layout not in self.layouts:
+            raise LayoutError(f"{type(self).__name__} has no checkpoint layout {layout!r}; valid: "
+                              f"{', '.join(repr(x) for x in self.layouts)}")
+        return layout
+
+    def _convert_stream(self, items: Iterable[tuple[str, torch.Tensor]],
+                        layout: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stored (key, tensor) pairs of a `layout` checkpoint -> (module key, tensor) pairs, lazily."""
+        if layout == "hf":
+            yield from self.convert_hf_state_dict(items)
+            return
+        for key, tensor in items:
+            yield from self.convert_checkpoint_state_dict({key: tensor}).items()
+
+    def _prepare_load(self, stored_keys: list[str], layout: str) -> None:
+        """Hook run before a checkpoint's keys are checked (e.g. decide weight tying from what is stored)."""
 
     def _tied_weights(self) -> dict[str, str]:
         """target key -> source key for weights shared with another (filled in when absent from the checkpoint)."""
@@ -560,12 +629,10 @@ class PretrainedMixin:
 
     @classmethod
     def _select_keys(cls, model: nn.Module, stored: list[str]) -> tuple[str, list[str]]:
-        stored_set = set(stored)
-        wanted = list(model.state_dict())
-        for prefix in cls.checkpoint_prefixes:
-            if any(prefix + k in stored_set for k in wanted):
-                return prefix, [k for k in stored if k.startswith(prefix)]
-        return cls.checkpoint_prefixes[0], stored
+        return _select_by_prefix(cls.checkpoint_prefixes, list(model.state_dict()), stored)
+
+    def _select_hf_keys(self, stored: list[str]) -> tuple[str, list[str]]:
+        return _select_by_prefix(self.hf_checkpoint_prefixes, list(self.hf_state_dict()), stored)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
@@ -582,6 +649,7 @@ class PretrainedMixin:
 
         Keys and shapes are checked against the file headers before any tensor is read; tensors then stream in one
         at a time, cast to `dtype` as they are read, so loading peaks near the size of the final weights.
+        Transformers-native `-hf` folders (see `layouts`) load too: their config.json says which layout they hold.
         """
         from internvl_fm.quantization import TORCHAO_SCHEMES, check_quantization
 
@@ -590,6 +658,7 @@ class PretrainedMixin:
             check_quantization(quantization)  # unknown names fail before anything is read
         folder = resolve_checkpoint(path)
         config = config if config is not None else cls.config_from_checkpoint(folder)
+        layout = checkpoint_layout(read_config(folder))
         dtype = resolve_dtype(dtype)
         device = torch.device(device or ("cuda" if quantization == "bnb-int8" else "cpu"))
         if device_map is None:
@@ -598,7 +667,7 @@ class PretrainedMixin:
             model = cls(config)
         streamed = quantization if quantization in TORCHAO_SCHEMES else None
         model._load_weights(WeightFiles(folder), dtype, quantization=streamed, check_finite=check_finite,
-                            where=folder)
+                            where=folder, layout=layout)
         if device_map is not None:
             materialize_meta_buffers(model, torch.device("cpu"))
             model._dispatch(device_map)
@@ -612,33 +681,40 @@ class PretrainedMixin:
         return model.eval()
 
     def _load_weights(self, files: WeightFiles, dtype: torch.dtype | None = None, quantization: str | None = None,
-                      check_finite: bool = False, where: str | os.PathLike = "checkpoint") -> None:
-        """Fill this meta-built model from `files`: check every key and shape from the headers, then stream the
-        tensors in (cast as read, converted and assigned one by one; linears that `quantization` replaces are
-        quantised as soon as their weights are in). A layout conversion that needs the whole state dict at once
-        (per-tensor conversion disagrees with it) loads the whole dict instead."""
+                      check_finite: bool = False, where: str | os.PathLike = "checkpoint",
+                      layout: str = "original") -> None:
+        """Fill this meta-built model from `files` (a checkpoint in `layout`): check every key and shape from the
+        headers, then stream the tensors in (cast as read, converted and assigned one by one; linears that
+        `quantization` replaces are quantised as soon as their weights are in). An official-layout conversion that
+        needs the whole state dict at once (per-tensor conversion disagrees with it) loads the whole dict instead."""
         from internvl_fm.quantization import quantize_modules
 
-        prefix, keys = self._select_keys(self, files.keys())
-        streamable = self._check_checkpoint(files, prefix, keys, dtype)
+        self._check_layout(layout)
+        stored = files.keys()
+        prefix, keys = self._select_keys(self, stored) if layout == "original" else self._select_hf_keys(stored)
+        self._prepare_load([k[len(prefix):] for k in keys], layout)
+        streamable = self._check_checkpoint(files, prefix, keys, dtype, layout)
         pending = set(self._quantization_targets(quantization)) if quantization else set()
         tied = self._tied_weights()
         pending -= {key.rpartition(".")[0] for pair in tied.items() for key in pair}  # shared weights stay as is
         ignored = [re.compile(p) for p in self.ignore_on_load]
         bad: list[str] = []
         if streamable:
-            for key, tensor in files.stream(keys, dtype):
-                if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    bad.append(key)
-                for name, value in self.convert_checkpoint_state_dict({key[len(prefix):]: tensor}).items():
-                    if any(p.search(name) for p in ignored):
-                        continue
-                    owner = _assign(self, name, value)
-                    if owner in pending and not any(p.is_meta for p in self.get_submodule(owner).parameters()):
-                        release_freed_memory()  # quantisation temporaries go where the last ones were freed
-                        quantize_modules(self, [owner], quantization)
-                        pending.discard(owner)
-                del tensor
+            def read() -> Iterator[tuple[str, torch.Tensor]]:
+                for key, tensor in files.stream(keys, dtype):
+                    if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        bad.append(key)
+                    yield key[len(prefix):], tensor
+
+            for name, value in self._convert_stream(read(), layout):
+                if any(p.search(name) for p in ignored):
+                    continue
+                owner = _assign(self, name, value)
+                del value
+                if owner in pending and not any(p.is_meta for p in self.get_submodule(owner).parameters()):
+                    release_freed_memory()  # quantisation temporaries go where the last ones were freed
+                    quantize_modules(self, [owner], quantization)
+                    pending.discard(owner)
             if bad:
                 raise WeightLoadingError(f"{where} holds non-finite weights (NaN or inf) in {len(bad)} tensors: "
                                          f"{_short(bad)}")
@@ -654,15 +730,20 @@ class PretrainedMixin:
             quantize_modules(self, sorted(pending), quantization)
         release_freed_memory()
 
-    def _check_checkpoint(self, files: WeightFiles, prefix: str, keys: list[str], dtype: torch.dtype | None) -> bool:
+    def _check_checkpoint(self, files: WeightFiles, prefix: str, keys: list[str], dtype: torch.dtype | None,
+                          layout: str = "original") -> bool:
         """Raise WeightLoadingError naming every missing, unexpected or mis-shaped key, from the file headers alone
-        (meta tensors run through the layout conversion). True when the conversion works tensor by tensor."""
+        (meta tensors run through the layout conversion). True when the conversion works tensor by tensor (always
+        for the -hf layout, whose conversion is a stream)."""
         def meta(key: str) -> torch.Tensor:
             info = files.info(key)
             cast = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
             return torch.empty(info.shape, dtype=cast, device="meta")
 
         stored = {k[len(prefix):]: meta(k) for k in keys}
+        if layout != "original":
+            check_state_dict(self, self._prepare_state(dict(self._convert_stream(stored.items(), layout))))
+            return True
         whole = self._prepare_state(self.convert_checkpoint_state_dict(dict(stored)))
         check_state_dict(self, whole)
         per_key: dict[str, torch.Tensor] = {}
@@ -702,20 +783,30 @@ class PretrainedMixin:
             _set_param(self, target, _get_param(self, source))
 
     # ---------------------------------------------------------------------------------------------- saving
-    def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-        """Write config.json + safetensors weights in the official layout (and the tokenizer, if attached)."""
+    def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                        layout: str = "original") -> Path:
+        """Write config.json + safetensors weights (and the tokenizer, if attached) in `layout`: "original" (the
+        OpenGVLab layout) or, for models listing it in `layouts`, "hf" (what transformers' own `save_pretrained`
+        writes for `InternVLForConditionalGeneration` / `InternVLVisionModel`). Others raise LayoutError."""
         from internvl_fm.quantization import QuantizationError, is_quantized
 
+        self._check_layout(layout)
         if is_quantized(self):
             raise QuantizationError(f"{type(self).__name__} holds int8-quantised layers, which are not saved: save the "
                                     "full-precision model and load it with quantization='int8' (quantisation "
                                     "happens while loading, layer by layer)")
         folder = Path(folder)
         self.config.extra["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        hf_config = self.hf_config_dict() if layout == "hf" else None  # config problems fail before any write
         with atomic_directory(folder) as tmp:  # kill -9 at any moment leaves the old checkpoint or the new one
             self._save_extra(tmp)
-            self.config.save_pretrained(tmp)
-            save_state_dict(self.checkpoint_state_dict(), tmp, max_shard_bytes=max_shard_bytes)
+            if hf_config is not None:
+                with atomic_write(tmp / "config.json") as config_tmp:
+                    Path(config_tmp).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+                save_state_dict(self.hf_state_dict(), tmp, max_shard_bytes=max_shard_bytes)
+            else:
+                self.config.save_pretrained(tmp)
+                save_state_dict(self.checkpoint_state_dict(), tmp, max_shard_bytes=max_shard_bytes)
             tokenizer = getattr(self, "tokenizer", None)
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(tmp)
@@ -799,9 +890,10 @@ def _set_param(module: nn.Module, key: str, value: nn.Parameter) -> None:
 
 def check_model_kind(path: str | os.PathLike, config: dict[str, Any], accepted: tuple[str, ...],
                      wanted: str) -> None:
-    """Raise ModelKindError when config.json names an architecture outside `accepted` (no architectures: no check).
+    """Raise ModelKindError when config.json names an architecture outside `accepted` (no architectures: no check;
+    transformers' -hf names count as ours: InternVLForConditionalGeneration is an InternVLChatModel...).
     The message says what the folder holds and which class / command takes it."""
-    archs = config.get("architectures") or []
+    archs = _architectures(config)
     if not archs or any(a in accepted for a in archs):
         return
     holds, use = MODEL_KINDS.get(archs[0], (f"a {archs[0]} model", f"one of {sorted(ARCHITECTURES)}"))
@@ -820,7 +912,7 @@ def warn_if_slow_dtype(dtype: torch.dtype | None, device: torch.device | str | N
 def load(path: str | os.PathLike, **kwargs: Any):
     """Load any internvl-fm model; the class is picked from config.json `architectures`."""
     config = read_config(path)
-    archs = config.get("architectures") or []
+    archs = _architectures(config)
     for arch in archs:
         if arch in ARCHITECTURES:
             module, _, name = ARCHITECTURES[arch].partition(":")

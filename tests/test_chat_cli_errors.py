@@ -28,7 +28,7 @@ HF_CONFIG = {
     "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
     "text_config": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64,
                     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "num_key_value_heads": 2, "vocab_size": 100},
+                    "num_key_value_heads": 2, "vocab_size": 151674},
     "vision_config": {"model_type": "internvl_vision", "hidden_size": 32, "intermediate_size": 64,
                       "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": [448, 448],
                       "patch_size": [14, 14], "use_qk_norm": False, "layer_scale_init_value": 0.1},
@@ -89,15 +89,21 @@ def test_internvl_c_checkpoint_names_its_kind_and_command(path, tiny_clip_path, 
     assert "InternVL-C/G" in line and "classify" in line
 
 
-def test_hf_layout_folder_is_a_clear_config_error(hf_folder, capsys):
+def test_hf_layout_folder_config_is_read_and_its_problems_are_one_line(hf_folder, capsys):
+    """-hf configs are converted (not the old TypeError from `image_size // patch_size`); what cannot be built is a
+    ConfigError naming the -hf field, one line in the CLI."""
+    config = InternVLChatConfig.from_pretrained(hf_folder)
+    assert config.image_size == 448 and config.ps_version == "v2" and config.img_context_token_id == 151667
+    assert config.llm_config.architectures == ["Qwen2ForCausalLM"] and config.template == "internvl2_5"
+    assert config == InternVLChatConfig.from_dict(json.loads((hf_folder / "config.json").read_text()))
+    with pytest.raises(CheckpointNotFoundError, match="no weights"):  # the folder holds config.json only
+        InternVLChatModel.from_pretrained(hf_folder)
+    (hf_folder / "config.json").write_text(json.dumps({**HF_CONFIG, "vision_feature_select_strategy": "full"}))
     for load in (InternVLChatModel.from_pretrained, InternVLChatConfig.from_pretrained):
-        with pytest.raises(ConfigError, match="-hf") as err:
+        with pytest.raises(ConfigError, match="vision_feature_select_strategy"):
             load(hf_folder)
-        assert str(hf_folder) in str(err.value)
-    with pytest.raises(ConfigError, match="-hf"):  # not the old TypeError from `image_size // patch_size`
-        InternVLChatConfig.from_dict(json.loads((hf_folder / "config.json").read_text()))
     assert main(["chat", str(hf_folder), "--device", "cpu", "-q", "hi"]) == 2
-    assert "-hf" in _one_line_error(capsys, "chat")
+    assert "vision_feature_select_strategy" in _one_line_error(capsys, "chat")
 
 
 def test_config_problems_are_internvl_errors():

@@ -74,12 +74,18 @@ def test_absurd_sizes_are_refused_before_building(tiny_clip_path, tmp_path):
         InternVisionModel.from_pretrained(folder)
 
 
-def test_transformers_hf_folder_is_a_clear_error(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
-        "text_config": {"model_type": "qwen2", "hidden_size": 896}, "vision_config": {"model_type": "internvl_vision"},
-        "downsample_ratio": 0.5, "image_token_id": 151667}))
-    with pytest.raises(ConfigError, match="-hf"):
+def test_transformers_hf_folder_settings_we_cannot_build_are_clear_errors(tmp_path):
+    """-hf folders load (tests/test_core_hf_layout.py); an -hf setting InternViT does not have is a ConfigError."""
+    config = {"architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
+              "text_config": {"model_type": "qwen2", "hidden_size": 896},
+              "vision_config": {"model_type": "internvl_vision", "use_mean_pooling": False},
+              "downsample_ratio": 0.5, "image_token_id": 151667}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="use_mean_pooling"):
+        InternVisionModel.from_pretrained(tmp_path)
+    config["vision_config"]["use_mean_pooling"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointNotFoundError, match="no weights"):
         InternVisionModel.from_pretrained(tmp_path)
 
 

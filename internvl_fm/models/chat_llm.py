@@ -25,6 +25,8 @@ __all__ = [
     "llama_to_internlm2",
     "convert_llm_state_dict",
     "export_llm_state_dict",
+    "llm_config_to_hf",
+    "llm_config_from_hf",
 ]
 
 INTERNLM2 = "InternLM2ForCausalLM"
@@ -161,6 +163,35 @@ def export_llm_config(config, source: dict[str, Any] | None = None) -> dict[str,
     if dtype is not None:
         merged["torch_dtype"] = str(dtype).removeprefix("torch.")
     return merged
+
+
+# transformers model_type of an -hf text_config -> the architecture we build
+_HF_TEXT_MODELS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                   "phi3": "Phi3ForCausalLM"}
+
+
+def llm_config_to_hf(config) -> dict[str, Any]:
+    """The transformers ``text_config`` dict of a config from :func:`build_llm_config` (an InternLM2 LLM is the
+    Llama model it is loaded as; ``architectures`` keeps the official name, as transformers' converter does)."""
+    out = config.to_dict()
+    for key in ("dtype", "torch_dtype", "transformers_version", "_name_or_path"):
+        out.pop(key, None)
+    out["tie_word_embeddings"] = False
+    return out
+
+
+def llm_config_from_hf(text: dict[str, Any]) -> dict[str, Any]:
+    """An -hf ``text_config`` dict -> an official ``llm_config`` dict; the class follows ``model_type`` (as in
+    transformers), a Llama text model named ``InternLM2ForCausalLM`` becomes the official InternLM2 config again."""
+    model_type = text.get("model_type", "qwen2")  # InternVLConfig's default text model
+    if model_type not in _HF_TEXT_MODELS:
+        raise UnsupportedLLMError(f"unsupported -hf text model_type {model_type!r}; supported: "
+                                  f"{', '.join(sorted(_HF_TEXT_MODELS))}")
+    if model_type == "llama" and (text.get("architectures") or [None])[0] == INTERNLM2:
+        config = build_llm_config({**text, "architectures": ["LlamaForCausalLM"]})
+        config.architectures = [INTERNLM2]
+        return export_llm_config(config)
+    return {**text, "architectures": [_HF_TEXT_MODELS[model_type]]}
 
 
 def build_language_model(config):

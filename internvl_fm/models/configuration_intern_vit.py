@@ -44,9 +44,14 @@ class InternVisionConfig(ConfigBase):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InternVisionConfig":
-        """Accepts a vision config or a composite (InternVL / InternVL-Chat) config with a `vision_config` entry."""
+        """Accepts a vision config or a composite (InternVL / InternVL-Chat) config with a `vision_config` entry, in
+        the official layout or transformers' `-hf` one (`internvl_vision`, converted)."""
         if isinstance(data, dict) and isinstance(data.get("vision_config"), dict):
             data = data["vision_config"]
+        if isinstance(data, dict) and data.get("model_type") == "internvl_vision":
+            from internvl_fm.convert import vision_config_from_hf
+
+            data = vision_config_from_hf(data)
         return super().from_dict(data)
 
     @property

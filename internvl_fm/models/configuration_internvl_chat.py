@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from internvl_fm.configuration_utils import ConfigBase, check_config_dict
+from internvl_fm.configuration_utils import ConfigBase, check_config_dict, is_transformers_hf_layout
 from internvl_fm.errors import ConfigError
 from internvl_fm.models.configuration_intern_vit import InternVisionConfig
 
@@ -107,11 +107,15 @@ class InternVLChatConfig(ConfigBase):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InternVLChatConfig":
-        """Build from an official config dict (``hidden_size`` / ``tie_word_embeddings`` are derived, not read).
-
-        A transformers-native ``-hf`` InternVL config (``text_config`` / ``InternVLForConditionalGeneration``) or an
-        absurd size raises :class:`~internvl_fm.errors.ConfigError`.
+        """Build from an official config dict (``hidden_size`` / ``tie_word_embeddings`` are derived, not read) or a
+        transformers-native ``-hf`` one (``InternVLForConditionalGeneration``: converted by
+        :func:`internvl_fm.convert.chat_config_from_hf`). An absurd size, or an ``-hf`` setting InternVL-Chat cannot
+        build, raises :class:`~internvl_fm.errors.ConfigError`.
         """
         check_config_dict(data, "this config")
+        if is_transformers_hf_layout(data):
+            from internvl_fm.convert import chat_config_from_hf
+
+            data = chat_config_from_hf(data, "this config")
         data = {k: v for k, v in data.items() if k not in ("hidden_size", "tie_word_embeddings")}
         return super().from_dict(data)

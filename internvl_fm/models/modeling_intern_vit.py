@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from internvl_fm.convert import VISION_KEYS, vision_config_to_hf
 from internvl_fm.loading import PretrainedMixin, release_freed_memory
 from internvl_fm.models.configuration_intern_vit import ATTN_IMPLEMENTATIONS, InternVisionConfig
 
@@ -332,10 +334,12 @@ class InternVisionModel(PretrainedMixin, nn.Module):
     """InternViT encoder. `pooler_output` is the CLS token of the last block (no final norm, no head)."""
 
     config_class = InternVisionConfig
-    accepted_architectures = ("InternVisionModel", "InternVLModel", "InternVLChatModel")
+    accepted_architectures = ("InternVisionModel", "InternVLModel", "InternVLChatModel", "transformers.InternVLModel")
     model_kind = "an InternViT vision encoder"
     checkpoint_prefixes = ("", "vision_model.")
     quantizable_modules = (r"^encoder\.layers\.\d+\.",)  # quantization="int8": the blocks' linears
+    layouts = ("original", "hf")  # hf: transformers' InternVLVisionModel (and the vision tower of -hf InternVL)
+    hf_checkpoint_prefixes = ("", "vision_tower.", "model.vision_tower.")
 
     def __init__(self, config: InternVisionConfig):
         super().__init__()
@@ -346,6 +350,17 @@ class InternVisionModel(PretrainedMixin, nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embeddings.patch_embedding.weight.dtype
+
+    # transformers' InternVLVisionModel layout (`save_pretrained(folder, layout="hf")`, -hf folders load as they are)
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        return VISION_KEYS.to_hf(self.state_dict())
+
+    def hf_config_dict(self) -> dict:
+        return {**vision_config_to_hf(self.config.to_dict()), "architectures": ["InternVLVisionModel"]}
+
+    def convert_hf_state_dict(self, items: Iterable[tuple[str, torch.Tensor]]
+                              ) -> Iterator[tuple[str, torch.Tensor]]:
+        return VISION_KEYS.from_hf(items)
 
     @property
     def device(self) -> torch.device:

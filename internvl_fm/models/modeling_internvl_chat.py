@@ -11,7 +11,7 @@ import inspect
 import math
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from internvl_fm.convert import CHAT_KEYS, chat_config_to_hf, chat_to_transformers, normalize_hf_chat_keys
 from internvl_fm.loading import PretrainedMixin, atomic_write
 from internvl_fm.models.modeling_intern_vit import InternVisionModel
 from internvl_fm.models.modeling_qllama import OUTPUT_CACHE_FIELD
@@ -88,7 +89,8 @@ class InternVLChatModel(PretrainedMixin, nn.Module):
     """
 
     config_class = InternVLChatConfig
-    accepted_architectures = ("InternVLChatModel",)
+    accepted_architectures = ("InternVLChatModel",)  # and transformers' InternVLForConditionalGeneration (-hf)
+    layouts = ("original", "hf")
     model_kind = "an InternVL-Chat model"
     # quantization="int8" (torchao): the linears of the ViT blocks and of the LLM decoder layers; "bnb-int8"
     # (load_in_8bit, CUDA): the LLM decoder's linears through bitsandbytes
@@ -434,6 +436,30 @@ class InternVLChatModel(PretrainedMixin, nn.Module):
         return out
 
     official_state_dict = checkpoint_state_dict  # the name earlier releases used
+
+    # transformers' InternVLForConditionalGeneration layout (`save_pretrained(folder, layout="hf")`, -hf folders)
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict under the keys transformers' ``save_pretrained`` writes for InternVLForConditionalGeneration
+        (the LLM keeps its transformers names; an InternLM2 LLM is the Llama model it is loaded as)."""
+        return chat_to_transformers(self.state_dict())
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        """The -hf config.json (``image_token_id``: the ``<IMG_CONTEXT>`` id of the config or the tokenizer)."""
+        return chat_config_to_hf(self.config, image_token_id=self.img_context_token_id)
+
+    def convert_hf_state_dict(self, items: Iterable[tuple[str, torch.Tensor]]
+                              ) -> Iterator[tuple[str, torch.Tensor]]:
+        """-hf keys (either spelling: ``language_model.model.*`` or ``model.language_model.*``) -> module keys."""
+        return CHAT_KEYS.from_hf(normalize_hf_chat_keys(items))
+
+    def _prepare_load(self, stored_keys: list[str], layout: str) -> None:
+        # an -hf checkpoint with tied word embeddings stores no LM head: it is the input embedding (as transformers)
+        self._lm_head_is_embedding = layout == "hf" and not any(k.endswith("lm_head.weight") for k in stored_keys)
+
+    def _tied_weights(self) -> dict[str, str]:
+        if getattr(self, "_lm_head_is_embedding", False):
+            return {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
+        return {}
 
     def convert_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Official checkpoint keys -> this module's keys (InternLM2 LLMs converted to the Llama layout)."""
