@@ -1,7 +1,7 @@
 """Decode speed and time to first token of InternVLChatModel vs transformers' native InternVLForConditionalGeneration.
 
-Both models hold the same random weights (our official-layout keys mapped to the "-hf" layout as in the spec,
-section 1.6) and run in the same process, same dtype, same greedy settings, interleaved. A streamer timestamps each
+Both models hold the same random weights (ours exported with `save_pretrained(..., layout="hf")`, read by
+transformers' own loader) and run in the same process, same dtype, same greedy settings, interleaved. A streamer timestamps each
 token: time to first token (TTFT) covers the vision tower and the prefill; decode speed is tokens/s after it. On a CPU
 the timestamps are process CPU time by default (`--clock wall` for wall-clock), because on a shared machine wall-clock
 time mostly measures the other processes.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
@@ -23,71 +24,13 @@ from internvl_fm.chat.testing import tiny_chat_config, tiny_chat_model
 from internvl_fm.chat_templates import IMG_CONTEXT_TOKEN  # noqa: F401  (documents which id is the image token)
 
 
-def to_hf_state_dict(official: dict[str, torch.Tensor], vit_hidden: int) -> dict[str, torch.Tensor]:
-    """Official InternVL-Chat keys -> transformers ``InternVLForConditionalGeneration`` keys (Qwen2/Llama LLMs)."""
-    out: dict[str, torch.Tensor] = {}
-    vt = "model.vision_tower."
-    for key, value in official.items():
-        if key.startswith("vision_model."):
-            k = key[len("vision_model."):]
-            k = (k.replace("embeddings.class_embedding", "embeddings.cls_token")
-                  .replace("embeddings.position_embedding", "embeddings.position_embeddings")
-                  .replace("embeddings.patch_embedding", "embeddings.patch_embeddings.projection")
-                  .replace("encoder.layers.", "encoder.layer.")
-                  .replace(".ls1", ".lambda_1").replace(".ls2", ".lambda_2")
-                  .replace(".attn.proj.", ".attention.projection_layer.")
-                  .replace(".attn.", ".attention.")
-                  .replace(".norm1.", ".layernorm_before.").replace(".norm2.", ".layernorm_after."))
-            if ".attention.qkv." in k:
-                for name, part in zip("qkv", (value[:vit_hidden], value[vit_hidden:2 * vit_hidden],
-                                              value[-vit_hidden:])):
-                    out[vt + k.replace(".qkv.", f".{name}_proj.")] = part
-                continue
-            out[vt + k] = value
-        elif key.startswith("mlp1."):
-            names = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
-            index, rest = key[len("mlp1."):].split(".", 1)
-            out[f"model.multi_modal_projector.{names[index]}.{rest}"] = value
-        elif key.startswith("language_model.model."):
-            out["model.language_model." + key[len("language_model.model."):]] = value
-        elif key == "language_model.lm_head.weight":
-            out["lm_head.weight"] = value
-        else:
-            raise KeyError(f"no -hf name for {key}")
-    return out
+def build_hf_model(ours, folder: str):
+    """transformers' InternVLForConditionalGeneration holding our weights: written with our `-hf` layout export
+    (`save_pretrained(..., layout="hf")`) and read by transformers' own loader."""
+    from transformers import InternVLForConditionalGeneration
 
-
-def build_hf_model(ours, image_token_id: int):
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-    vc = ours.config.vision_config
-    llm = ours.config.llm_config.to_dict()
-    llm.update(model_type="qwen2", tie_word_embeddings=False)
-    for key in ("architectures", "dtype", "transformers_version"):
-        llm.pop(key, None)
-    config = InternVLConfig(
-        vision_config=dict(hidden_size=vc.hidden_size, num_hidden_layers=vc.num_hidden_layers,
-                           num_attention_heads=vc.num_attention_heads, intermediate_size=vc.intermediate_size,
-                           image_size=ours.config.image_size, patch_size=vc.patch_size, attention_bias=vc.qkv_bias,
-                           use_qk_norm=vc.qk_normalization, norm_type=vc.norm_type,
-                           layer_norm_eps=vc.layer_norm_eps),
-        text_config=llm, image_token_id=image_token_id, downsample_ratio=ours.config.downsample_ratio,
-        vision_feature_layer=-1, vision_feature_select_strategy="default")
-    config._attn_implementation = "sdpa"
-    config.text_config._attn_implementation = "sdpa"
-    config.vision_config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = InternVLForConditionalGeneration(config)
-    state = to_hf_state_dict(ours.official_state_dict(), vc.hidden_size)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise RuntimeError(f"key map incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, module in model.named_modules():  # rotary buffers were built on meta
-        if "RotaryEmbedding" in type(module).__name__:
-            parent_name, _, child = name.rpartition(".")
-            with torch.device("cpu"):
-                setattr(model.get_submodule(parent_name), child, type(module)(module.config))
-    return model.eval()
+    ours.save_pretrained(folder, layout="hf")
+    return InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 class TokenClock:
@@ -159,7 +102,8 @@ def main() -> None:
     ours = tiny_chat_model(config, seed=0, dtype=torch.float32)
     image_token_id = args.vocab - 1
     ours.img_context_token_id = image_token_id
-    hf = build_hf_model(ours, image_token_id)
+    workdir = tempfile.TemporaryDirectory(prefix="bench_chat_")
+    hf = build_hf_model(ours, workdir.name + "/hf")
     ours, hf = ours.to(device=device, dtype=dtype), hf.to(device=device, dtype=dtype)
     if args.quantization != "none":
         ours._quantize(args.quantization, device)  # what from_pretrained(..., quantization=) does after loading
