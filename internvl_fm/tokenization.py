@@ -24,7 +24,8 @@ def has_tokenizer_files(folder: str | os.PathLike) -> bool:
 
 
 def validate_tokenizer(tokenizer: Any) -> None:
-    """Raise TokenizerContractError unless `tokenizer` appends EOS, pads with id 0 and pads on the right."""
+    """Raise TokenizerContractError unless `tokenizer` starts with BOS (when it has one), appends EOS, pads with id 0
+    and pads on the right."""
     name = type(tokenizer).__name__
     if tokenizer.pad_token_id != 0:
         raise TokenizerContractError(f"{name} pads with id {tokenizer.pad_token_id}; InternVL EOS pooling needs pad id 0")
@@ -39,6 +40,10 @@ def validate_tokenizer(tokenizer: Any) -> None:
     if not bool((last == eos).all()):
         raise TokenizerContractError(f"{name} does not append the eos token (id {eos}) after the text: load it with "
                                      "add_eos_token=True")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and not bool((batch[:, 0] == bos).all()):
+        raise TokenizerContractError(f"{name} does not start a text with the bos token (id {bos}): InternVL text "
+                                     "embeddings are BOS + text + EOS; load it with add_bos_token=True")
     if bool((batch[:, 0] == 0).any()):
         raise TokenizerContractError(f"{name} produced id 0 at the start of a text: id 0 must be padding only")
 
@@ -57,10 +62,13 @@ class InternVLTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "InternVLTokenizer":
-        """Load the checkpoint's tokenizer with `add_eos_token=True` (as the model card does)."""
+        """Load the checkpoint's tokenizer with `add_eos_token=True` (as the model card does) and BOS (the official
+        LlamaTokenizer's default: transformers 5 does not write `add_bos_token` when it saves a tokenizer, so a
+        re-saved one would otherwise lose BOS once `add_eos_token` rebuilds its post-processor)."""
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path), add_eos_token=True, **kwargs)
+        kwargs = {"add_bos_token": True, "add_eos_token": True, **kwargs}
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
         return cls(tokenizer)
 
     @property

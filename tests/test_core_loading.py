@@ -189,3 +189,30 @@ def test_torch_pickles_load_safely_in_both_formats_and_unwrapped(tmp_path):
     for name in ("zip.bin", "legacy.bin", "deepspeed.bin"):
         loaded = torch_load_state_dict(tmp_path / name)
         assert torch.equal(loaded["a.weight"], state["a.weight"]), name
+
+
+def test_a_saved_model_keeps_bos_and_its_text_embeddings(tmp_path):
+    """transformers 5 does not write `add_bos_token` when it saves a tokenizer: a re-saved checkpoint must still
+    tokenise BOS + text + EOS, so its text embeddings are the original's."""
+    import internvl_fm
+    from internvl_fm.models.modeling_internvl import InternVLModel
+
+    model = InternVLModel.from_pretrained(internvl_fm.demo_model_path(), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "saved")
+    again = InternVLModel.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    ids, ids_again = (m.tokenizer(["a red circle"], padding="longest")["input_ids"] for m in (model, again))
+    assert ids.tolist() == ids_again.tolist() and ids[0, 0] == model.tokenizer.tokenizer.bos_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_text(ids_again), model.encode_text(ids), rtol=0, atol=0)
+
+
+def test_a_tokenizer_without_bos_is_refused():
+    from transformers import AutoTokenizer
+
+    import internvl_fm
+    from internvl_fm.errors import TokenizerContractError
+    from internvl_fm.tokenization import InternVLTokenizer
+
+    raw = AutoTokenizer.from_pretrained(str(internvl_fm.demo_model_path()), add_bos_token=False, add_eos_token=True)
+    with pytest.raises(TokenizerContractError, match="bos token"):
+        InternVLTokenizer(raw)
