@@ -291,3 +291,64 @@ def serve_main(argv: list[str]) -> int:
     print(f"serving {args.index} ({len(index)} images) on http://{args.host}:{args.port}", file=sys.stderr)
     serve(index, args.host, args.port, config)
     return 0
+
+
+def serve_embed_main(argv: list[str]) -> int:
+    """Serve InternVL-C/G embeddings with an OpenAI-compatible API (/v1/embeddings, /v1/models); no index needed."""
+    from .embeddings_api import EmbeddingsConfig, serve_embeddings
+
+    parser = new_parser("internvl-fm serve-embed", serve_embed_main.__doc__)
+    # MODEL is positional (`internvl-fm serve-embed MODEL`); --model, the name other commands use, works too
+    parser.add_argument("model", nargs="?", metavar="MODEL", default=None,
+                        help="InternVL-C/G checkpoint folder or hub id")
+    parser.add_argument("--model", dest="model_option", metavar="MODEL", default=None, help="the same as MODEL")
+    add_model_options(parser)
+    add_quantization_option(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=_number("--port", low=0, high=65535), default=8000, help="TCP port")
+    parser.add_argument("--image-root", dest="image_roots", action="append", default=None, metavar="FOLDER",
+                        help="inputs may name image files under this folder (repeat for more); none: image paths "
+                             "are refused (data: URLs and base64: images always work)")
+    parser.add_argument("--max-batch-size", type=_number("--max-batch-size"), default=32,
+                        help="inputs per model call (1: no batching, one request after another)")
+    parser.add_argument("--max-wait-ms", type=_number("--max-wait-ms", float), default=5.0,
+                        help="how long a request waits for others to fill a batch")
+    parser.add_argument("--max-queue", type=_number("--max-queue"), default=1024,
+                        help="inputs waiting for the model; more get 429")
+    parser.add_argument("--max-inputs", type=_number("--max-inputs"), default=256, help="inputs per request")
+    parser.add_argument("--max-upload-mb", type=_number("--max-upload-mb", float), default=32.0,
+                        help="largest request body")
+    parser.add_argument("--max-image-pixels", type=_number("--max-image-pixels"), default=40_000_000,
+                        help="largest image (width x height) decoded")
+    parser.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY, as the openai "
+                                                        "client sends it); None: $INTERNVL_FM_API_KEY when set, "
+                                                        "else no key")
+    args = parser.parse_args(argv)
+    if args.model and args.model_option and args.model != args.model_option:
+        parser.error("give MODEL once: positional or --model")
+    model_path = args.model or args.model_option
+    if not model_path:
+        parser.error("give the model: internvl-fm serve-embed MODEL")
+    try:
+        config = EmbeddingsConfig(image_roots=args.image_roots or [], max_batch_size=args.max_batch_size,
+                                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_inputs=args.max_inputs,
+                                  max_upload_bytes=int(args.max_upload_mb * 2**20),
+                                  max_image_pixels=args.max_image_pixels,
+                                  api_key=args.api_key or os.environ.get("INTERNVL_FM_API_KEY"))
+    except OptionError as exc:
+        raise _option_error(exc, args) from None
+    missing = [root for root in config.image_roots if not os.path.isdir(root)]
+    if missing:
+        raise CLIError(f"--image-root {missing[0]!r}: no such folder")
+    from internvl_fm.models.modeling_internvl import InternVLModel
+
+    model = InternVLModel.from_pretrained(model_path, dtype=dtype_or_none(args.dtype),
+                                          device=resolve_device(args.device),
+                                          quantization=None if args.quantization == "none" else args.quantization)
+    if model.tokenizer is None:
+        raise CLIError(f"{model_path} has no tokenizer files: texts cannot be embedded (copy the tokenizer of the "
+                       "checkpoint into the folder)")
+    print(f"serving {model_path} embeddings ({', '.join(MODES)}) on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    serve_embeddings(model.eval(), args.host, args.port, config)
+    return 0

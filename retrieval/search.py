@@ -229,10 +229,29 @@ class SearchIndex:
 
     def stored_vector(self, id_: int) -> np.ndarray:
         """The stored image embedding of row `id_` (float32 [D])."""
+        if not 0 <= id_ < sum(shard.rows for shard in self._shards):
+            raise IndexStateError(f"row {id_} is not in {self.root} (0..{len(self) - 1})")
+        return self.stored_vectors([id_])[0]
+
+    def stored_vectors(self, ids: list[int], kind: str = "image") -> np.ndarray:
+        """The stored embeddings (float32 [len(ids), D]) of rows `ids`: image embeddings, or caption embeddings for
+        kind "text"; read shard by shard (memory-mapped), one read per shard that holds some of them."""
+        ids_array = np.asarray(ids, dtype=np.int64)
+        vectors: np.ndarray | None = None
         for shard in self._shards:
-            if shard.first_id <= id_ < shard.first_id + shard.rows:
-                return np.asarray(self.store.read_image_embeddings(shard)[id_ - shard.first_id], dtype=np.float32)
-        raise IndexStateError(f"row {id_} is not in {self.root} (0..{len(self) - 1})")
+            inside = (ids_array >= shard.first_id) & (ids_array < shard.first_id + shard.rows)
+            if not inside.any():
+                continue
+            data = (self.store.read_image_embeddings(shard) if kind == "image"
+                    else self.store.read_text_embeddings(shard))
+            if data is None:
+                continue
+            if vectors is None:
+                vectors = np.zeros((len(ids_array), data.shape[1]), dtype=np.float32)
+            vectors[inside] = data[ids_array[inside] - shard.first_id]
+        if vectors is None:
+            raise IndexStateError(f"rows {list(ids)[:10]} of {self.root} have no stored {kind} embeddings")
+        return vectors
 
     # ------------------------------------------------------------------------------------------------ the model
     @property

@@ -9,8 +9,10 @@ Endpoints::
                                the path of an image file under the index's image roots) whose embeddings are
                                averaged; a multipart form (text / image file / k), or a raw image body
     GET  /images/{id}          the indexed image file with that id (only files under the index's image roots)
-    GET  /health               {"status": "ok", ...}
+    GET  /health               {"status": "ok", "rows", "deleted", "indexes", "model"}
     GET  /metrics              Prometheus text format
+    POST /knn-service, /metadata, GET /indices-list   clip-retrieval's back-end API (clip_back.py)
+    POST /v1/embeddings, GET /v1/models               OpenAI-compatible embeddings (embeddings_api.py)
 
 Safety: binds 127.0.0.1 unless told otherwise (cli), request bodies over `max_upload_bytes` are refused with 413
 (by Content-Length up front, or once a chunked body passes the cap: reading stops there), `k` and the number of
@@ -72,9 +74,12 @@ class ServerConfig:
     max_query_images: int = 8  # query images per request (their embeddings are averaged)
     max_image_pixels: int = 40_000_000  # a larger query image is refused (400) before it is decoded
     api_key: str | None = None
+    index_name: str | None = None  # the name clip-retrieval clients give (/indices-list); None: the folder's name
+    max_result_ids: int = 3000  # ids per /knn-service or /metadata request (clip-retrieval's front-end asks 3000)
 
     def __post_init__(self):
         check_int("max_k", self.max_k, 1)
+        check_int("max_result_ids", self.max_result_ids, 1)
         check_int("max_upload_bytes", self.max_upload_bytes, 1)
         check_int("max_query_chars", self.max_query_chars, 1)
         check_int("max_query_images", self.max_query_images, 1)
@@ -200,17 +205,29 @@ class SearchResponse(BaseModel):
     took_ms: float
 
 
+class ModelInfo(BaseModel):
+    """The index's model as clients see it: a hub id, or a local checkpoint folder's name (never a server path)."""
+
+    name: str
+    mode: str
+    dtype: str | None  # None: the checkpoint's own (not loaded yet)
+    image_size: int | None
+    quantization: str | None
+
+
 class Health(BaseModel):
     status: str
     rows: int
     deleted: int
     indexes: dict[str, str | None]
+    model: ModelInfo
 
 
-def _validated(params: dict[str, Any], config: ServerConfig) -> SearchRequest:
-    """`params` as a SearchRequest, or a 422 naming each refused field."""
+def _validated(params: dict[str, Any], config: ServerConfig, model: type[BaseModel] = SearchRequest) -> Any:
+    """`params` as a `model` (a SearchRequest by default) validated under `config`'s limits, or a 422 naming each
+    refused field in one string."""
     try:
-        return SearchRequest.model_validate(params, context={"config": config})
+        return model.model_validate(params, context={"config": config})
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -336,17 +353,17 @@ class SearchService:
         self.index, self.config = index, config
         self.metrics = _Metrics()
         self.page = _page()
-        self._model_lock = threading.Lock()
+        self.model_lock = threading.Lock()
         self.text_vector = lru_cache(maxsize=4096)(self._embed_text)
 
     def _embed_text(self, text: str) -> np.ndarray:
-        with self._model_lock:
+        with self.model_lock:
             return self.index.embed_text(text)[0]
 
     def image_vector(self, data: bytes) -> np.ndarray:
         """The embedding of uploaded image bytes (400 when they are not a readable image)."""
         try:
-            with self._model_lock:  # decoded here: one decoded query image in memory at a time
+            with self.model_lock:  # decoded here: one decoded query image in memory at a time
                 return self.index.embed_image(load_image(data, self.config.max_image_pixels))[0]
         except ImageLoadError as exc:
             raise HTTPException(400, f"cannot read the uploaded image: {exc.reason}") from exc
@@ -365,7 +382,7 @@ class SearchService:
         if path is None:
             raise HTTPException(422, REFUSED_IMAGE)
         try:
-            with self._model_lock:
+            with self.model_lock:
                 return index.embed_image(load_image(path, self.config.max_image_pixels))[0]
         except ImageLoadError:
             raise HTTPException(422, REFUSED_IMAGE) from None
@@ -410,10 +427,14 @@ def _get_query(request: Request, service: Service) -> SearchRequest:
 
 
 async def _post_query(request: Request, service: Service) -> SearchRequest:
-    """A POST search: a JSON object, a multipart form or a raw image body (plus the query string)."""
+    """A POST search: a JSON object, a multipart form or a raw image body (plus the query string). A body without
+    a Content-Type (python `requests.post(url, data=json_text)`) or sent as a form but holding a JSON object
+    (`curl -d '{...}'`) is read as JSON."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     params: dict[str, Any] = dict(request.query_params)
-    if content_type == "application/json":
+    if content_type == "application/x-www-form-urlencoded" and (await request.body()).lstrip().startswith(b"{"):
+        content_type = "application/json"
+    if content_type in ("application/json", ""):
         try:
             payload = await request.json()
         except (ValueError, RecursionError):  # also bad UTF-8, ints over 4300 digits, nesting deeper than Python
@@ -421,14 +442,14 @@ async def _post_query(request: Request, service: Service) -> SearchRequest:
         if not isinstance(payload, dict):
             raise HTTPException(422, "JSON body must be an object")
         params.update(payload)
-    elif content_type == "multipart/form-data":
+    elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form()
         for name, value in form.multi_items():
             params[name] = await value.read() if hasattr(value, "read") else value
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         params["image"] = await request.body()
     else:
-        raise HTTPException(415, "send JSON, a multipart form or a raw image body")
+        raise HTTPException(415, "send JSON, a form or a raw image body")
     return _validated(params, service.config)
 
 
@@ -445,8 +466,11 @@ def home(service: Service) -> HTMLResponse:
 @public.get("/health", response_model=Health)
 def health(service: Service) -> Health:
     index = service.index
+    spec = index.spec
+    model = ModelInfo(name=Path(spec.path).name if os.path.isabs(spec.path) else spec.path, mode=spec.mode,
+                      dtype=index._dtype or spec.dtype, image_size=spec.image_size, quantization=spec.quantization)
     return Health(status="ok", rows=len(index), deleted=len(index.deleted),
-                  indexes={kind: target.info.get("factory") for kind, target in index.indexes.items()})
+                  indexes={kind: target.info.get("factory") for kind, target in index.indexes.items()}, model=model)
 
 
 @api.get("/metrics", response_class=PlainTextResponse)
@@ -478,7 +502,8 @@ def get_image(image_id: str, service: Service) -> FileResponse:
     return FileResponse(os.path.realpath(path), media_type=media_type)
 
 
-_ENDPOINTS = ("/", "/search", "/images", "/health", "/metrics")
+_ENDPOINTS = ("/", "/search", "/images", "/health", "/metrics", "/knn-service", "/metadata", "/indices-list",
+              "/v1/embeddings", "/v1/models")
 
 
 async def _observe(request: Request, call_next):
@@ -509,8 +534,15 @@ def create_app(index: SearchIndex, config: ServerConfig | None = None) -> FastAP
     app.state.service = SearchService(index, config or ServerConfig())
     app.include_router(public)
     app.include_router(api)
+    from .clip_back import ClipCORS, router as clip_router  # clip-retrieval's back-end API (imports this module)
+
+    app.include_router(clip_router)
+    from .embeddings_api import add_to_search_service  # OpenAI /v1/embeddings with the index's model (imports this)
+
+    add_to_search_service(app)
     app.middleware("http")(_observe)
     app.add_middleware(BodySizeLimit, max_bytes=app.state.service.config.max_upload_bytes)
+    app.add_middleware(ClipCORS)  # outermost: preflights are answered before anything else
     return app
 
 
