@@ -8,6 +8,8 @@ time mostly measures the other processes.
 
     python benchmarks/bench_chat.py                       # small default, well under 3 minutes on 2 CPU cores
     python benchmarks/bench_chat.py --llm-hidden 896 --llm-layers 24 --vocab 151655 --image-size 448 --device cuda
+    python benchmarks/bench_chat.py --llm-hidden 2048 --llm-intermediate 8192 --llm-heads 16 --llm-kv-heads 8 \
+        --llm-layers 12 --vocab 92553 --quantization int8     # InternVL2-2B's LLM width, int8 decode vs bf16
 
 Last line: ``bench_chat: <ratio>x decode tokens/s vs transformers InternVLForConditionalGeneration``.
 """
@@ -80,6 +82,9 @@ def main() -> None:
     parser.add_argument("--llm-hidden", type=int, default=512)
     parser.add_argument("--llm-layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--llm-intermediate", type=int, default=None, help="default: 2 x --llm-hidden")
+    parser.add_argument("--llm-heads", type=int, default=None, help="attention heads (default: 4)")
+    parser.add_argument("--llm-kv-heads", type=int, default=None, help="key/value heads (default: 2)")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="text tokens around the image span")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
@@ -98,6 +103,10 @@ def main() -> None:
     config = tiny_chat_config(args.vocab, llm="qwen2", vision_hidden=args.vision_hidden, llm_hidden=args.llm_hidden,
                               llm_layers=args.llm_layers, image_size=args.image_size)
     config.vision_config.num_hidden_layers = args.vision_layers
+    for name, value in (("intermediate_size", args.llm_intermediate), ("num_attention_heads", args.llm_heads),
+                        ("num_key_value_heads", args.llm_kv_heads)):
+        if value is not None:
+            setattr(config.llm_config, name, value)
     config.vision_config.num_attention_heads = max(1, args.vision_hidden // 64)
     ours = tiny_chat_model(config, seed=0, dtype=torch.float32)
     image_token_id = args.vocab - 1
