@@ -47,6 +47,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from internvl_fm.chat_templates import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, with_image_placeholders
 from internvl_fm.errors import ImageLoadError
 from internvl_fm.errors import ImageTooLargeError
+from internvl_fm.openai_protocol import ErrorInfo, ErrorResponse, ModelCard, ModelList
 from internvl_fm.processing import load_image
 from internvl_fm.processing_internvl_chat import ChatInputs
 
@@ -248,29 +249,6 @@ def _field_path(loc: tuple) -> list:
             break
         path.append(part)
     return path
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str = "invalid_request_error"
-    code: str
-    param: Optional[str] = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = "internvl-fm"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 class AssistantMessage(BaseModel):

@@ -62,6 +62,7 @@ from starlette.requests import ClientDisconnect
 
 from internvl_fm.errors import ImageLoadError, ImageTooLargeError
 from internvl_fm.models.configuration_internvl import MODES
+from internvl_fm.openai_protocol import ModelCard, ModelList
 from internvl_fm.processing import load_image
 
 from .embed import Embedder
@@ -199,18 +200,6 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = "internvl-fm"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
