@@ -136,7 +136,8 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 QUANTIZATION_HELP = ("int8: torchao int8 weights for the transformer blocks (about half the memory of bfloat16, "
-                     "embeddings cosine >= 0.999; slower than bfloat16 on CPU), quantised while loading; "
+                     "embeddings cosine >= 0.999; on CPU faster than bfloat16 for chat decoding, slower for batched encoding), "
+                     "quantised while loading; "
                      "int8-dynamic also quantises activations; none: full precision")
 
 
