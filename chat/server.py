@@ -47,7 +47,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from internvl_fm.chat_templates import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, with_image_placeholders
 from internvl_fm.errors import ImageLoadError
 from internvl_fm.errors import ImageTooLargeError
-from internvl_fm.openai_protocol import ErrorInfo, ErrorResponse, ModelCard, ModelList
+from internvl_fm.openai_protocol import (ErrorInfo, ErrorResponse, ModelCard, ModelList, read_capped_body,
+                                         wait_for_disconnect)
 from internvl_fm.processing import load_image
 from internvl_fm.processing_internvl_chat import ChatInputs
 
@@ -805,24 +806,6 @@ class _ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ChatRequestError(413, f"request body over {limit} bytes", code="request_too_large")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise ChatRequestError(413, f"request body over {limit} bytes", code="request_too_large")
-    return bytes(raw)
-
-
-async def _until_disconnect(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read: the server only waits for that message)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _wait(future: asyncio.Future, gone: asyncio.Future, timeout: Optional[float] = None) -> Any:
     """The result of ``future``; :class:`_ClientGone` if ``gone`` ends first, ``TimeoutError`` after ``timeout``."""
     done, _ = await asyncio.wait((future, gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -866,14 +849,17 @@ async def chat_completions(request: Request, service: Service):
     """A chat completion: JSON, or Server-Sent Events of ``chat.completion.chunk`` objects with ``"stream": true``."""
     settings = service.settings
     try:
-        raw = await _read_body(request, settings.max_request_bytes)
+        raw = await read_capped_body(request, settings.max_request_bytes)
+        if raw is None:
+            raise ChatRequestError(413, f"request body over {settings.max_request_bytes} bytes",
+                                  code="request_too_large")
     except ClientDisconnect:  # gone while sending its body
         return Response(status_code=499)
     body = ChatCompletionRequest.parse(raw)
     parsed = await run_in_threadpool(body.to_chat, settings)  # finds the images (decoded later, when scheduled)
     await run_in_threadpool(service.check_prompt_length, parsed)
     job = service.submit(parsed)
-    gone = asyncio.ensure_future(_until_disconnect(request))
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
     streaming = False
     try:
         try:  # errors found when the request is scheduled come before any 200 status line, streams included

@@ -62,7 +62,7 @@ from starlette.requests import ClientDisconnect
 
 from internvl_fm.errors import ImageLoadError, ImageTooLargeError
 from internvl_fm.models.configuration_internvl import MODES
-from internvl_fm.openai_protocol import ModelCard, ModelList
+from internvl_fm.openai_protocol import ModelCard, ModelList, read_capped_body, wait_for_disconnect
 from internvl_fm.processing import load_image
 
 from .embed import Embedder
@@ -522,23 +522,6 @@ async def require_key(request: Request, service: Service) -> None:
 router = APIRouter(dependencies=[Depends(require_key)])
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise EmbeddingsAPIError(413, f"request body over {limit} bytes", code="request_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise EmbeddingsAPIError(413, f"request body over {limit} bytes", code="request_too_large")
-    return bytes(body)
-
-
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 @router.get("/v1/models", response_model=ModelList)
 async def list_models() -> ModelList:
     return ModelList(data=[ModelCard(id=mode) for mode in MODES])
@@ -550,7 +533,10 @@ async def create_embeddings(request: Request, service: Service) -> Response:
     """Embeddings of texts and images (see the module docstring for what counts as an image)."""
     config = service.config
     try:
-        raw = await _read_body(request, config.max_upload_bytes)
+        raw = await read_capped_body(request, config.max_upload_bytes)
+        if raw is None:
+            raise EmbeddingsAPIError(413, f"request body over {config.max_upload_bytes} bytes",
+                                    code="request_too_large")
     except ClientDisconnect:
         return Response(status_code=499)
     body = EmbeddingRequest.parse(raw, config)
@@ -567,7 +553,7 @@ async def create_embeddings(request: Request, service: Service) -> Response:
     else:
         items = await run_in_threadpool(service.prepare, body.input)
     job = service.submit(items, mode)
-    gone = asyncio.ensure_future(_until_disconnect(request))
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         done, _ = await asyncio.wait((job.future, gone), timeout=config.request_timeout_s,
                                      return_when=asyncio.FIRST_COMPLETED)
