@@ -47,8 +47,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from internvl_fm.chat_templates import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, with_image_placeholders
 from internvl_fm.errors import ImageLoadError
 from internvl_fm.errors import ImageTooLargeError
-from internvl_fm.openai_protocol import (ErrorInfo, ErrorResponse, ModelCard, ModelList, read_capped_body,
-                                         wait_for_disconnect)
+from internvl_fm.serving import (ErrorInfo, ErrorResponse, ModelCard, ModelList, read_capped_body,
+                                 wait_for_disconnect)
+from internvl_fm.serving import serve_in_thread as run_in_thread
 from internvl_fm.processing import load_image
 from internvl_fm.processing_internvl_chat import ChatInputs
 
@@ -976,23 +977,11 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     """Run ``app`` with uvicorn in a background thread (tests, benchmarks, notebooks): yields its base URL
     (``port=0``: a free port) and, on exit, stops it as SIGTERM does (queued requests get 503, running ones are cut
     after ``shutdown_grace_s``)."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="internvl-chat-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + start_timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError(f"the chat server did not start on {host}:{port}")
-        time.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{bound}"
-    finally:
+    def begin_shutdown() -> None:
         service = getattr(app.state, "service", None)
         if service is not None:
             service.begin_shutdown()
-        server.should_exit = True
-        thread.join(start_timeout_s)
+
+    with run_in_thread(app, host, port, start_timeout_s, name="internvl-chat-uvicorn",
+                       before_stop=begin_shutdown) as url:
+        yield url

@@ -62,7 +62,8 @@ from starlette.requests import ClientDisconnect
 
 from internvl_fm.errors import ImageLoadError, ImageTooLargeError
 from internvl_fm.models.configuration_internvl import MODES
-from internvl_fm.openai_protocol import ModelCard, ModelList, read_capped_body, wait_for_disconnect
+from internvl_fm.serving import ModelCard, ModelList, read_capped_body, wait_for_disconnect
+from internvl_fm.serving import serve_in_thread as run_in_thread
 from internvl_fm.processing import load_image
 
 from .embed import Embedder
@@ -646,23 +647,11 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
                     start_timeout_s: float = 60.0) -> Iterator[str]:
     """Run ``app`` with uvicorn in a background thread (tests, benchmarks, notebooks) and yield its base URL
     (``port=0``: a free port); on exit the server stops and the embeddings worker with it."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="internvl-embed-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + start_timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError(f"the server did not start on {host}:{port}")
-        time.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{bound}"
-    finally:
-        server.should_exit = True
-        thread.join(start_timeout_s)
+    def close_worker() -> None:
         service = getattr(app.state, "embeddings", None)
         if service is not None:
             service.close()
+
+    with run_in_thread(app, host, port, start_timeout_s, name="internvl-embed-uvicorn",
+                       after_stop=close_worker) as url:
+        yield url
