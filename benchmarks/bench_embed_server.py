@@ -12,6 +12,7 @@ machine the model gets one core and the HTTP side the other; 2 threads there sta
 
     python benchmarks/bench_embed_server.py                    # 16 clients, texts, 3 rounds x 8 s (~1 minute)
     python benchmarks/bench_embed_server.py --kind mixed --threads 2
+    python benchmarks/bench_embed_server.py --model real-width --seconds 20   # a real-width text tower
 
 Last line: `bench_embed_server: <ratio>x throughput at 16 clients vs one-by-one serving`.
 """
@@ -33,6 +34,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_random_checkpoint
 
 from internvl_fm import InternVLModel, demo_model_path  # noqa: E402
 from internvl_fm.retrieval.embeddings_api import EmbeddingsConfig, create_embeddings_app, serve_in_thread  # noqa: E402
@@ -100,6 +102,20 @@ def _client_process(connection, inputs: list[str], clients: int) -> None:
         connection.send(run_load(url, inputs, clients, seconds))
 
 
+def load_model(name: str, text_layers: int, kind: str) -> InternVLModel:
+    """The bundled demo model, or a real-width text tower (random weights, bf16, the demo model's tokenizer)."""
+    demo = InternVLModel.from_pretrained(demo_model_path()).eval()
+    if name == "demo":
+        return demo
+    if kind != "text":
+        raise SystemExit("--model real-width serves texts only (--kind text)")
+    from make_random_checkpoint import random_internvl_model
+
+    model = random_internvl_model(1, text_layers).to(torch.bfloat16)
+    model.tokenizer = demo.tokenizer  # ids of a small vocabulary are valid ids of QLLaMA's
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -109,10 +125,14 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="of the batching server")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="of the batching server")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the server")
+    parser.add_argument("--model", choices=("demo", "real-width"), default="demo",
+                        help="demo: the bundled tiny InternVL-C (HTTP-bound); real-width: random weights at "
+                             "InternVL-14B's QLLaMA width (4096, MLP 11008) with --text-layers layers, bf16")
+    parser.add_argument("--text-layers", type=int, default=2, help="QLLaMA layers of --model real-width")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    model = InternVLModel.from_pretrained(demo_model_path()).eval()
+    model = load_model(args.model, args.text_layers, args.kind)
     configs = {"batched": EmbeddingsConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms),
                "one-by-one": EmbeddingsConfig(max_batch_size=1, max_wait_ms=0)}
     apps = {name: create_embeddings_app(model, config) for name, config in configs.items()}

@@ -25,30 +25,9 @@ import numpy as np
 import torch
 
 from common import interleaved_best
-from make_random_checkpoint import QLLAMA, RandomPool, random_tensor
-from internvl_fm import InternVisionConfig, InternVLConfig, InternVLModel
+from make_random_checkpoint import random_internvl_model
+from internvl_fm import InternVLModel
 from internvl_fm.onnx_export import INPUT_NAMES, example_input, export_onnx, onnx_session, read_onnx_config
-
-INTERNVIT_300M = dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, qkv_bias=True,
-                      qk_normalization=False, norm_type="layer_norm", use_flash_attn=False, patch_size=14,
-                      layer_norm_eps=1e-6, initializer_factor=0.1)
-
-
-def build_model(layers: int, text_layers: int, image_size: int) -> InternVLModel:
-    """An InternVL-C/G model with a 300M-shaped ViT and a real-width QLLaMA of `text_layers` layers, random
-    weights as make_random_checkpoint.py writes them (float32)."""
-    config = InternVLConfig(
-        vision_config=InternVisionConfig(**INTERNVIT_300M, num_hidden_layers=layers, image_size=image_size),
-        qllama_config={**QLLAMA, "num_hidden_layers": text_layers}, clip_embed_dim=768, attn_pool_num_heads=16,
-        num_query_token=96, cross_attention_frequency=2)
-    with torch.device("meta"):
-        model = InternVLModel(config)
-    pool = RandomPool(seed=0)
-    state = {key: random_tensor(key, meta, torch.float32, pool) for key, meta in model.state_dict().items()}
-    model.load_state_dict(state, assign=True)
-    model.qllama.lm_head = None  # part of neither tower (captioning only): 0.8 GB less to hold twice
-    return model.eval()
-
 
 def encode(model: InternVLModel, tower: str, x: torch.Tensor) -> torch.Tensor:
     """The tower's raw embedding through our PyTorch path (pixels cast to the model's dtype)."""
@@ -69,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
     torch.manual_seed(0)
-    model = build_model(args.layers, args.text_layers, args.image_size)
+    model = random_internvl_model(args.layers, args.text_layers, args.image_size)
     what = {"vision": f"InternViT-300M-shape ({args.layers} layers, {args.image_size} px) InternVL-C image tower",
             "text": f"QLLaMA-width text tower ({args.text_layers} of 32 layers, {args.text_length} tokens)"}
     print(f"{threads} threads (torch and onnxruntime); best of {args.repeats} interleaved rounds")

@@ -180,6 +180,29 @@ def write_checkpoint(model: str, output: Path, dtype: torch.dtype = torch.bfloat
     return total
 
 
+INTERNVIT_300M_SHAPE = dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, qkv_bias=True,
+                      qk_normalization=False, norm_type="layer_norm", use_flash_attn=False, patch_size=14,
+                      layer_norm_eps=1e-6, initializer_factor=0.1)
+
+
+def random_internvl_model(layers: int, text_layers: int, image_size: int = 224):
+    """An InternVL-C/G model with a 300M-shaped ViT and a real-width QLLaMA of `text_layers` layers, random
+    weights as make_random_checkpoint.py writes them (float32)."""
+    from internvl_fm import InternVisionConfig, InternVLConfig, InternVLModel
+
+    config = InternVLConfig(
+        vision_config=InternVisionConfig(**INTERNVIT_300M_SHAPE, num_hidden_layers=layers, image_size=image_size),
+        qllama_config={**QLLAMA, "num_hidden_layers": text_layers}, clip_embed_dim=768, attn_pool_num_heads=16,
+        num_query_token=96, cross_attention_frequency=2)
+    with torch.device("meta"):
+        model = InternVLModel(config)
+    pool = RandomPool(seed=0)
+    state = {key: random_tensor(key, meta, torch.float32, pool) for key, meta in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    model.qllama.lm_head = None  # part of neither tower (captioning only): 0.8 GB less to hold twice
+    return model.eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, choices=sorted(MODELS))
