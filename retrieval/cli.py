@@ -114,6 +114,9 @@ def index_main(argv: list[str]) -> int:
     add_quantization_option(build)
     build.add_argument("--mode", default="InternVL-C", metavar="{" + ",".join(MODES) + "}",
                        help="which embedding head to use")
+    build.add_argument("--onnx", default=None, metavar="DIR",
+                       help="embed with this `internvl-fm export onnx` folder of --model (onnxruntime, float32) "
+                            "instead of PyTorch; searches later load --model")
     idx = build.add_argument_group("index (saved in index.json; `index add` reuses them)")
     idx.add_argument("--max-index-memory", default="4GB", help="RAM budget of the index (e.g. 4GB, 512MB)")
     idx.add_argument("--factory", default=None,
@@ -152,6 +155,17 @@ def index_main(argv: list[str]) -> int:
     return 0
 
 
+def _onnx_embedder(folder: str, model: str):
+    """The onnxruntime embedder of an exported folder, checked to hold an export of `model`."""
+    from internvl_fm.onnx_export import OnnxEmbedder
+
+    embedder = OnnxEmbedder(folder)
+    exported = embedder.name_or_path
+    if model != exported and not (os.path.exists(model) and os.path.realpath(model) == os.path.realpath(exported)):
+        raise CLIError(f"--onnx {folder} is an export of {exported}, not of --model {model}")
+    return embedder
+
+
 def _run_index_command(args: argparse.Namespace) -> None:
     """Run one `index` command; the options are made into their dataclasses (and so checked) before any work."""
     if args.command == "build":
@@ -166,7 +180,8 @@ def _run_index_command(args: argparse.Namespace) -> None:
                                       options=options, num_workers=args.ray_workers, address=args.ray_address,
                                       dtype=dtype)
         else:
-            index = ImageIndex.build(args.source, args.output, args.model, mode=args.mode, embed=config,
+            model = _onnx_embedder(args.onnx, args.model) if args.onnx else args.model
+            index = ImageIndex.build(args.source, args.output, model, mode=args.mode, embed=config,
                                      options=options, dtype=dtype, device=resolve_device(args.device),
                                      quantization=None if args.quantization == "none" else args.quantization)
         _print_report(index.last_report)

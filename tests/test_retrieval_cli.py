@@ -284,3 +284,34 @@ def test_docs_state_what_was_run_and_point_inside_the_repository():
     assert "tests/tools/probe_server.py" in text
     assert (ROOT / "tests" / "tools" / "probe_server.py").is_file()
     assert "was not done" not in text and "| 54x |" in text  # the 1M run is reported, as in docs/benchmarks.md
+
+
+# ------------------------------------------------------------------------------------------------- --onnx backend
+def test_index_build_with_an_onnx_export_embeds_like_pytorch(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import internvl_fm
+    from internvl_fm import InternVLModel
+    from internvl_fm.onnx_export import export_onnx
+    from internvl_fm.retrieval.embed import EmbeddingStore
+
+    demo = internvl_fm.demo_model_path()
+    model = InternVLModel.from_pretrained(demo, dtype="float32").eval()
+    for tower in ("vision", "text"):
+        export_onnx(model, tower, tmp_path / "onnx")
+    make_images(tmp_path / "images", 4)
+    code, out, err = _cli(capsys, "index", "build", tmp_path / "images", tmp_path / "index", "--model", demo,
+                          "--onnx", tmp_path / "onnx", *FAST)
+    assert code == 0, err
+    store = EmbeddingStore(tmp_path / "index")
+    images = np.concatenate([store.read_image_embeddings(s) for s in store.shards()])
+    texts = np.concatenate([store.read_text_embeddings(s) for s in store.shards()])
+    keys = store.read_metadata(["image_path", "caption"]).to_pylist()
+    np.testing.assert_allclose(images, model.embed_images([k["image_path"] for k in keys]).numpy(), atol=1e-4)
+    np.testing.assert_allclose(texts, model.embed_texts([k["caption"] for k in keys]).numpy(), atol=1e-4)
+    assert ImageIndex.load(tmp_path / "index").spec.path == str(Path(demo).resolve())  # searches load the model
+
+    code, out, err = _cli(capsys, "index", "build", tmp_path / "images", tmp_path / "other", "--model",
+                          tmp_path / "images", "--onnx", tmp_path / "onnx", *FAST)
+    assert code == 2
+    _one_line_error(err, "is an export of", "not of --model")
