@@ -81,3 +81,28 @@ def tiny_chat(tiny_chat_tokenizer):
     from internvl_fm.chat.testing import tiny_chat_config, tiny_chat_model
 
     return tiny_chat_model(tiny_chat_config(len(tiny_chat_tokenizer)), seed=0)
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,900")
+
+
+def headless_chromium(profile_dir: Path, browser_log: bool = False):
+    """A selenium driver of Debian's headless Chromium with a fresh profile in `profile_dir` (skips the test when
+    selenium, chromium or chromedriver is missing; CI installs them). `browser_log`: keep the console log."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Debian chromium + chromium-driver are not installed here (CI installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile_dir}")
+    if browser_log:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from internvl_fm.retrieval import ImageIndex
 from internvl_fm.retrieval.server import ServerConfig, create_app
 from test_retrieval_common import fast_config, make_images, tiny_model  # noqa: F401  (fixture)
+from conftest import headless_chromium
 
 requests = pytest.importorskip("requests")
 
@@ -321,14 +322,9 @@ def test_api_key_guards_the_clip_endpoints(built):
 
 
 # ------------------------------------------------------------------------------------ the real front-end
-def test_clip_front_end_in_headless_chromium(url, built):
+def test_clip_front_end_in_headless_chromium(url, built, tmp_path):
     """clip-retrieval's own web page, served from another origin, searches this service, shows its images and runs
     its "similar images" button (an image_url search with one of this service's image URLs)."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("Debian chromium + chromium-driver are not installed here (CI installs them)")
     front = Path(next(iter(importlib.util.find_spec("clip_retrieval").submodule_search_locations))).parent
     front = front / "front" / "build"
     if not (front / "index.html").is_file():
@@ -343,13 +339,8 @@ def test_clip_front_end_in_headless_chromium(url, built):
     page.get("/config.json")(lambda: {"defaultBackend": url, "defaultIndex": NAME, "urlColumn": "url"})
     page.mount("/", StaticFiles(directory=front, html=True))
     expected = client(url, num_images=40, deduplicate=True).query(text="a checkerboard")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-dev-shm-usage"):
-        options.add_argument(flag)
     with serving(page) as front_url:
-        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+        driver = headless_chromium(tmp_path / "chromium-profile")
         try:
             driver.get(f"{front_url}/?query={quote('a checkerboard')}")
             wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))

@@ -3,7 +3,6 @@ page, text / caption / by-result / uploaded-image searches, the query in the URL
 full-size view, the text-after-file regression and captions shown as text, never as HTML."""
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
@@ -16,6 +15,7 @@ from internvl_fm.retrieval.server import create_app
 from test_retrieval_common import fast_config, make_images
 
 from internvl_fm import InternVLModel, demo_model_path
+from conftest import headless_chromium
 
 webdriver = pytest.importorskip("selenium.webdriver")
 By = pytest.importorskip("selenium.webdriver.common.by").By
@@ -25,10 +25,6 @@ WebDriverWait = pytest.importorskip("selenium.webdriver.support.ui").WebDriverWa
 N = 8
 INJECTED = 5  # the row whose caption is HTML
 PAYLOAD = '<img src=x onerror="window.__pwned=1"><b>bold</b> & <script>window.__pwned=2</script>'
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,900")
-
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
@@ -65,17 +61,7 @@ def server(built):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("Debian chromium + chromium-driver are not installed here (CI installs them)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    driver = headless_chromium(tmp_path_factory.mktemp("chromium-profile"), browser_log=True)
     yield driver
     driver.quit()
 

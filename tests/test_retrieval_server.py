@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from internvl_fm.retrieval import ImageIndex
 from internvl_fm.retrieval.server import ServerConfig, create_app
 from test_retrieval_common import fast_config, make_images, tiny_model  # noqa: F401  (fixture)
+from conftest import headless_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "tools" / "probe_server.py"  # copy of the reviewers' probe (shared/tools)
@@ -173,21 +174,11 @@ def test_probe_script_passes(server):
     assert "0 failures" in result.stdout and "with 0 errors" in result.stdout
 
 
-def test_web_page_in_headless_chromium(server):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("Debian chromium + chromium-driver are not installed here (CI installs them)")
+def test_web_page_in_headless_chromium(server, tmp_path):
+    driver = headless_chromium(tmp_path / "chromium-profile")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
     try:
         driver.get(server + "/")
         box = driver.find_element(By.ID, "query")
