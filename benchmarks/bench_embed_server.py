@@ -43,10 +43,12 @@ WORDS = ["red", "blue", "green", "circle", "square", "star", "small", "large", "
          "two", "dogs", "on", "the", "beach", "Hund", "chat"]
 
 
-def make_inputs(kind: str, count: int = 64, seed: int = 0) -> list[str]:
-    """`count` request inputs: texts of 3-12 random words, data-URL PNGs (48-96 px, random pixels), or both."""
+def make_inputs(kind: str, count: int = 64, seed: int = 0, max_words: int = 12) -> list[str]:
+    """`count` request inputs: texts of 1..`max_words` random words (at least 3 when it allows), data-URL PNGs
+    (48-96 px, random pixels), or both."""
     rng = np.random.default_rng(seed)
-    texts = [" ".join(rng.choice(WORDS, int(rng.integers(3, 13)))) for _ in range(count)]
+    low = min(3, max_words)
+    texts = [" ".join(rng.choice(WORDS, int(rng.integers(low, max_words + 1)))) for _ in range(count)]
     images = []
     for _ in range(count):
         size = int(rng.integers(48, 97))
@@ -129,6 +131,7 @@ def main() -> None:
                         help="demo: the bundled tiny InternVL-C (HTTP-bound); real-width: random weights at "
                              "InternVL-14B's QLLaMA width (4096, MLP 11008) with --text-layers layers, bf16")
     parser.add_argument("--text-layers", type=int, default=2, help="QLLaMA layers of --model real-width")
+    parser.add_argument("--max-words", type=int, default=12, help="texts have 3..max-words words (search queries: ~1-4)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -140,7 +143,8 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}", file=sys.stderr)
     here, there = multiprocessing.get_context("spawn").Pipe()
     clients = multiprocessing.get_context("spawn").Process(target=_client_process,
-                                                           args=(there, make_inputs(args.kind), args.clients))
+                                                           args=(there, make_inputs(args.kind, max_words=args.max_words),
+                                                                 args.clients))
     clients.start()
     best: dict[str, dict] = {}
     try:
